@@ -1,0 +1,3 @@
+from mim.cli import entry
+
+entry()

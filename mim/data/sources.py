@@ -1,0 +1,166 @@
+"""Where images come from: a Hugging Face hub dataset, a local folder, or the synthetic set.
+
+Every source answers ``len()`` and ``load(i) -> (PIL image, label or None, path)``. Images are
+decoded here, not by ``datasets``, so that a corrupt file raises in ``load`` and the loader can
+skip and count it instead of crashing the run.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from mim.config import ConfigError, DataConfig
+from mim.data.synthetic import SyntheticShapes
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF-rotate, then make RGB: grayscale/CMYK/palette/16-bit/RGBA (on black) all become RGB."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float32)
+        hi = float(arr.max()) or 1.0
+        img = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype("uint8"))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        canvas = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(canvas, img)
+    return img.convert("RGB")
+
+
+def decode_image(value: Any) -> Image.Image:
+    """Decode an image cell of a ``datasets`` table (``Image(decode=False)`` dict, path, PIL)."""
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, dict):
+        if value.get("bytes"):
+            img = Image.open(io.BytesIO(value["bytes"]))
+        elif value.get("path"):
+            img = Image.open(value["path"])
+        else:
+            raise ValueError("empty image cell")
+    elif isinstance(value, (str, Path)):
+        img = Image.open(value)
+    else:
+        raise ValueError(f"cannot decode an image from {type(value).__name__}")
+    img.load()
+    return to_rgb(img)
+
+
+class HFImageSource:
+    """A map-style ``datasets.Dataset`` with an image column (and maybe a label column)."""
+
+    def __init__(self, ds: Any, image_column: str = "", label_column: str = "") -> None:
+        import datasets
+
+        self.image_column = image_column or _find_image_column(ds)
+        if self.image_column not in ds.column_names:
+            raise ConfigError(f"config key 'data.image_column': no column '{self.image_column}' "
+                              f"(columns: {ds.column_names})")
+        feature = ds.features.get(self.image_column)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        self.label_column = label_column or next(
+            (c for c in ("label", "labels") if c in ds.column_names), "")
+        if self.label_column and self.label_column not in ds.column_names:
+            raise ConfigError(f"config key 'data.label_column': no column '{self.label_column}'")
+        self.classes: list[str] | None = None
+        if self.label_column:
+            f = ds.features[self.label_column]
+            self.classes = list(f.names) if isinstance(f, datasets.ClassLabel) else None
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def load(self, index: int) -> tuple[Image.Image, int | None, str]:
+        row = self.ds[int(index)]
+        cell = row[self.image_column]
+        path = cell.get("path") if isinstance(cell, dict) else str(cell)
+        label = row[self.label_column] if self.label_column else None
+        return decode_image(cell), label, path or f"row:{index}"
+
+
+def _find_image_column(ds: Any) -> str:
+    import datasets
+
+    for name, f in ds.features.items():
+        if isinstance(f, datasets.Image):
+            return name
+    for name in ("image", "img", "pixel_values", "images"):
+        if name in ds.column_names:
+            return name
+    raise ConfigError(f"no image column found (columns: {ds.column_names}); "
+                      "set 'data.image_column'")
+
+
+def _pick_split(ds: Any, split: str, where: str) -> Any:
+    import datasets
+
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in ds:
+            raise ConfigError(f"config key 'data.split': {where} has no split '{split}' "
+                              f"(splits: {list(ds)})")
+        return ds[split]
+    return ds
+
+
+def load_local(path: str, split: str) -> Any:
+    """A folder of images (any sub-folders), a ``save_to_disk`` dataset, or parquet files."""
+    import datasets
+
+    p = Path(path)
+    if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() \
+            or (p / "state.json").exists():
+        return _pick_split(datasets.load_from_disk(str(p)), split, str(p))
+    parquet = [str(f) for f in sorted(p.rglob("*.parquet"))] if p.is_dir() else (
+        [str(p)] if p.suffix == ".parquet" else [])
+    if parquet:
+        return datasets.load_dataset("parquet", data_files=parquet, split="train")
+    if not p.is_dir():
+        raise ConfigError(f"config key 'data.path': {p} is not a folder or a parquet file")
+    if (p / split).is_dir():  # <path>/<split>/... layouts (train/, val/, test/)
+        p = p / split
+    files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+    if not files:
+        raise ConfigError(f"config key 'data.path': no image files under {p}")
+    # Class sub-folders give labels (the imagefolder convention) when every file has one.
+    rel = [Path(f).relative_to(p) for f in files]
+    table: dict[str, Any] = {"image": files}
+    features = {"image": datasets.Image(decode=False)}
+    if all(len(r.parts) == 2 for r in rel):
+        names = sorted({r.parts[0] for r in rel})
+        if len(names) > 1:
+            table["label"] = [names.index(r.parts[0]) for r in rel]
+            features["label"] = datasets.ClassLabel(names=names)
+    return datasets.Dataset.from_dict(table, features=datasets.Features(features))
+
+
+def build_source(cfg: DataConfig, image_size: int, seed: int = 0, split: str | None = None):
+    """The image source the config names, for ``split`` (default ``cfg.split``)."""
+    split = split or cfg.split
+    if cfg.synthetic:
+        n = cfg.synthetic_size if split == cfg.split else max(cfg.synthetic_size // 4, 64)
+        # Other splits draw from a disjoint seed so train and validation never share images.
+        return SyntheticShapes(n, image_size, seed=seed if split == cfg.split else seed + 10_000)
+    if cfg.path:
+        return HFImageSource(load_local(cfg.path, split), cfg.image_column, cfg.label_column)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.name, split=split, streaming=cfg.streaming)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config key 'data.name': dataset '{cfg.name}' not found ({e})") from None
+    if cfg.streaming:
+        raise ConfigError("config key 'data.streaming': streaming sources are not supported yet; "
+                          "use a map-style dataset (streaming=false)")
+    return HFImageSource(ds, cfg.image_column, cfg.label_column)

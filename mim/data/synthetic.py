@@ -1,0 +1,79 @@
+"""The built-in synthetic image set: procedural shapes, generated on the fly, no download.
+
+Each image is a two-colour gradient background with one large shape drawn in a third colour and
+a few small distractor blobs. The label is the shape's kind (10 classes), so the same set serves
+pretraining (labels ignored), classification and the comparison demo. Image ``i`` depends only
+on ``(seed, i)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = ["circle", "square", "triangle", "diamond", "cross", "ring", "h-stripes", "v-stripes",
+           "checker", "ellipse"]
+
+
+def synthetic_image(index: int, size: int, seed: int = 0) -> tuple[Image.Image, int]:
+    rng = np.random.default_rng([seed, index])
+    label = int(rng.integers(len(CLASSES)))
+    c0, c1, fg = (rng.integers(0, 256, 3) for _ in range(3))
+    t = np.linspace(0.0, 1.0, size)[None, :, None]
+    if rng.random() < 0.5:
+        t = t.transpose(1, 0, 2)
+    bg = (c0 * (1 - t) + c1 * t).astype(np.uint8)
+    img = Image.fromarray(np.broadcast_to(bg, (size, size, 3)).copy())
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(0, 3))):  # small distractors
+        x, y = rng.integers(0, size, 2)
+        r = max(1, size // 16)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    half = size * rng.uniform(0.22, 0.4)
+    cx, cy = rng.uniform(half, size - half, 2)
+    box = [cx - half, cy - half, cx + half, cy + half]
+    color = tuple(int(v) for v in fg)
+    kind = CLASSES[label]
+    if kind == "circle":
+        draw.ellipse(box, fill=color)
+    elif kind == "square":
+        draw.rectangle(box, fill=color)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=color)
+    elif kind == "diamond":
+        draw.polygon([(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)], fill=color)
+    elif kind == "cross":
+        w = half / 3
+        draw.rectangle([cx - w, cy - half, cx + w, cy + half], fill=color)
+        draw.rectangle([cx - half, cy - w, cx + half, cy + w], fill=color)
+    elif kind == "ring":
+        draw.ellipse(box, outline=color, width=max(2, int(half / 3)))
+    elif kind in ("h-stripes", "v-stripes", "checker"):
+        n = 4
+        step = 2 * half / n
+        for i in range(n):
+            for j in range(n):
+                on = {"h-stripes": i % 2 == 0, "v-stripes": j % 2 == 0,
+                      "checker": (i + j) % 2 == 0}[kind]
+                if on:
+                    x0, y0 = box[0] + j * step, box[1] + i * step
+                    draw.rectangle([x0, y0, x0 + step, y0 + step], fill=color)
+    else:  # ellipse
+        draw.ellipse([cx - half, cy - half / 2, cx + half, cy + half / 2], fill=color)
+    return img, label
+
+
+class SyntheticShapes:
+    """Index -> (PIL image, label). ``size`` images of ``image_size`` pixels."""
+
+    classes = CLASSES
+
+    def __init__(self, size: int, image_size: int, seed: int = 0) -> None:
+        self.size, self.image_size, self.seed = size, image_size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load(self, index: int) -> tuple[Image.Image, int | None, str]:
+        img, label = synthetic_image(index, self.image_size, self.seed)
+        return img, label, f"synthetic:{index}"

@@ -1,0 +1,1 @@
+"""Training loops: pretraining (and, built on the same pieces, fine-tuning)."""

@@ -1,0 +1,200 @@
+"""Pieces every job shares: the accelerator, the run directory, optimizer and schedule, clipping,
+accounting, and the checkpoint state of a training loop."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.utils.flop_counter import FlopCounterMode
+
+from mim.config import ConfigError, save_config
+from mim.data.loader import sample_seed
+from mim.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mim.engine.tracking import tracker_init_kwargs
+
+
+def make_accelerator(cfg: Any) -> Accelerator:
+    backend = cfg.tracking.backend
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                      log_with=None if backend == "none" else backend,
+                      project_dir=str(cfg.run_dir))
+    if cfg.data.batch_size * acc.num_processes < acc.num_processes:
+        raise ConfigError("config key 'data.batch_size' must be at least 1 per process")
+    return acc
+
+
+def prepare_run_dir(acc: Accelerator, cfg: Any) -> Path:
+    run_dir = cfg.run_dir
+    if acc.is_main_process:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"config key 'run.output_dir': cannot write to {run_dir} ({e})")
+        save_config(cfg, run_dir / "config.yaml")
+    acc.wait_for_everyone()
+    return run_dir
+
+
+def start_tracking(acc: Accelerator, cfg: Any, run_dir: Path) -> None:
+    if cfg.tracking.backend == "none":
+        return
+    acc.init_trackers(cfg.tracking.project, config=cfg.to_dict(),
+                      init_kwargs=tracker_init_kwargs(cfg, run_dir))
+
+
+def seed_step(seed: int, rank: int, micro_step: int) -> None:
+    """Reseed every RNG a step draws from (masks, drop path) as a pure function of its position,
+    so a resumed run repeats the uninterrupted one exactly."""
+    torch.manual_seed(sample_seed(seed, rank, micro_step, 0xC0DE))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Any, lr: float, **kw: Any) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms, biases, position and class/mask tokens (timm's groups)."""
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.optim.weight_decay,
+                               betas=tuple(cfg.optim.betas), **kw)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_updates: int,
+                    updates_per_epoch: int) -> CosineLRScheduler:
+    """Per-update linear warmup from 0, then cosine to ``optim.min_lr`` at the last update."""
+    warmup = min(int(round(cfg.optim.warmup_epochs * updates_per_epoch)), max(total_updates - 1, 0))
+    return CosineLRScheduler(optimizer, t_initial=max(total_updates - warmup, 1),
+                             lr_min=cfg.optim.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
+                             warmup_prefix=True, t_in_epochs=False)
+
+
+def clip_gradients(acc: Accelerator, params: list[torch.nn.Parameter], clip: Any) -> torch.Tensor:
+    """Clip after backward, before the step; returns the global L2 norm *before* clipping.
+
+    Gradients are unscaled exactly once (accelerate's clip_grad_norm_), which is what makes this
+    safe under fp16 loss scaling.
+    """
+    if clip.mode == "norm":
+        return acc.clip_grad_norm_(params, clip.max_norm)
+    norm = acc.clip_grad_norm_(params, float("inf"))
+    if clip.mode == "value":
+        torch.nn.utils.clip_grad_value_(params, clip.value)
+    return norm
+
+
+def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """Forward FLOPs per image of the training forward, counted by torch's FlopCounterMode."""
+    was_training = model.training
+    model.train()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), \
+            FlopCounterMode(display=False) as counter:
+        model(example)
+    model.train(was_training)
+    return int(counter.get_total_flops() // example.shape[0])
+
+
+def fmt_count(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}E"
+
+
+@dataclass
+class LoopState:
+    """Where a training loop stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0
+    update_in_epoch: int = 0  # updates done within ``epoch``
+    images_seen: int = 0
+    bad_samples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_resume(cfg: Any, run_dir: Path) -> Path | None:
+    mode = cfg.run.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return latest_checkpoint(run_dir / "checkpoints")
+    return Path(mode)
+
+
+def save_training_state(acc: Accelerator, cfg: Any, run_dir: Path, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, scheduler: Any, state: LoopState) -> None:
+    model_state = acc.get_state_dict(model)
+    if acc.is_main_process:
+        scaler = acc.scaler.state_dict() if acc.scaler is not None else {}
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        train_state = {
+            "config": cfg.to_dict(),
+            "loop": {k: v for k, v in state.__dict__.items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler,
+            "rng": rng,
+            "num_processes": acc.num_processes,
+        }
+        save_checkpoint(run_dir / "checkpoints", state.step, model_state, train_state,
+                        cfg.train.keep_last)
+    acc.wait_for_everyone()
+
+
+def restore_training_state(acc: Accelerator, path: Path, model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer, scheduler: Any) -> LoopState:
+    model_state, train_state = load_checkpoint(path)
+    missing, unexpected = acc.unwrap_model(model).load_state_dict(model_state, strict=False)
+    missing = [k for k in missing if not k.endswith("decoder.pos_embed")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    optimizer.load_state_dict(train_state["optimizer"])
+    scheduler.load_state_dict(train_state["scheduler"])
+    if acc.scaler is not None and train_state.get("scaler"):
+        acc.scaler.load_state_dict(train_state["scaler"])
+    if train_state.get("num_processes") != acc.num_processes:
+        acc.print(f"note: checkpoint was written by {train_state.get('num_processes')} processes, "
+                  f"resuming on {acc.num_processes}; the data order within the epoch changes")
+    loop = train_state["loop"]
+    return LoopState(**loop)
+
+
+class Throughput:
+    """Images per second over a logging window (host clock; synchronises CUDA when read)."""
+
+    def __init__(self) -> None:
+        self.t0, self.images = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.images += n
+
+    def read(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self.t0
+        rate = self.images / dt if dt > 0 else 0.0
+        self.t0, self.images = time.perf_counter(), 0
+        return rate
+
+
+def print_accounting(acc: Accelerator, rows: list[tuple[str, Any]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    acc.print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def is_finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all().item())
