@@ -67,7 +67,7 @@ def pretrain(cfg: Any) -> Path:
     state = LoopState()
     resume_from = resolve_resume(cfg, run_dir)
     if resume_from is not None:
-        state = restore_training_state(acc, resume_from, model, optimizer, scheduler)
+        state = restore_training_state(acc, cfg, resume_from, model, optimizer)
         acc.print(f"resumed from {resume_from} at update {state.step}, epoch {state.epoch}")
     if state.step >= total_updates:
         acc.print(f"run already complete ({state.step} updates)")
