@@ -1,0 +1,1 @@
+"""Evaluators: ``reset`` / ``update`` / ``compute`` -> ``{metric: value}``."""
