@@ -6,11 +6,13 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
 from mim import build_pretrainer, load_config
+from mim.config import RunError
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
 from tests.conftest import REPO
@@ -102,9 +104,11 @@ def _write_images(folder):
 def test_folder_with_corrupt_files_is_skipped_and_counted(tiny, tmp_path):
     data = tmp_path / "imgs"
     _write_images(data)
-    cfg = load_config(None, [o for o in tiny("train.epochs=2", "data.batch_size=8")
-                             if not o.startswith("data.synthetic")] + [f"data.path={data}"])
-    run_dir = pretrain(cfg)
+    over = [o for o in tiny("train.epochs=2", "data.batch_size=8")
+            if not o.startswith("data.synthetic")] + [f"data.path={data}"]
+    with pytest.raises(RunError, match=r"unreadable images, more than data.max_bad_fraction=0.01"):
+        pretrain(load_config(None, over + ["run.name=strict"]))
+    run_dir = pretrain(load_config(None, over + ["data.max_bad_fraction=0.1"]))
     issues = [json.loads(ln) for ln in (run_dir / "data_issues.jsonl").read_text().splitlines()]
     paths = {os.path.basename(i["path"]) for i in issues}
     assert paths == {"broken.jpg", "empty.png"}

@@ -11,6 +11,7 @@ batch's ``bad`` list, so the engine can count and log it.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -107,6 +108,13 @@ class ShardedEpochSampler(Sampler[int]):
         return len(self._indices())
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process, which checkpoints and then ends them
+    (a cluster's SIGTERM to the whole process group must not kill the loader mid-batch)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @dataclass
 class EpochLoader:
     """A DataLoader whose sampler can be moved to (epoch, batch offset) before iterating."""
@@ -132,6 +140,7 @@ def build_epoch_loader(source: Any, transform: Callable, *, batch_size: int, num
     sampler = ShardedEpochSampler(len(ds), batch_size, rank, world_size, seed, shuffle, drop_last)
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate, pin_memory=pin_memory, drop_last=False,
+                        worker_init_fn=_ignore_stop_signals,
                         persistent_workers=False,
                         prefetch_factor=4 if num_workers > 0 else None)
     return EpochLoader(ds, sampler, loader)
