@@ -190,3 +190,30 @@ def test_unwritable_output_dir_is_a_config_error(tiny, tmp_path):
     (ro / "file").write_text("")
     with pytest.raises(ConfigError, match="cannot write to"):
         pretrain(load_config(None, tiny(f"run.output_dir={ro / 'file'}")))
+
+
+def test_dead_process_ends_the_whole_launch(tiny):
+    import psutil
+
+    over = tiny("train.epochs=50", "data.synthetic_size=256", name="dead")
+    run_dir = load_config(None, over).run_dir
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                             "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                             "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+                             "-m", "mim", "pretrain", *over], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert _wait_for_lines(run_dir / "metrics.jsonl", 2, proc)
+        rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if p.environ().get("RANK") == "1" and "mim" in " ".join(p.cmdline())]
+        assert rank1, "rank 1 not found"
+        rank1[0].kill()
+        t0 = time.time()
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert time.time() - t0 < 120
+        assert not psutil.pid_exists(rank1[0].pid) or rank1[0].status() == psutil.STATUS_ZOMBIE
+    finally:
+        if proc.poll() is None:
+            proc.kill()
