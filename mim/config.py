@@ -72,7 +72,8 @@ class DataConfig:
     synthetic: bool = False  # the built-in procedural image set (no download)
     synthetic_size: int = 2048
     split: str = "train"
-    streaming: bool = False  # hub datasets only
+    streaming: bool = False  # read data.name as a stream (no full download)
+    num_examples: int = 0  # streaming only: examples per epoch when the dataset card lacks it
     image_column: str = ""  # empty: the first image-typed column
     label_column: str = ""  # empty: "label" or "labels" when present
     batch_size: int = 64  # per device
@@ -356,6 +357,8 @@ def _validate_common(cfg: Any) -> None:
     _check(d.batch_size > 0, f"config key 'data.batch_size' must be positive, got {d.batch_size}")
     _check(d.num_workers >= 0, "config key 'data.num_workers' must be >= 0")
     _check(d.synthetic_size > 0, "config key 'data.synthetic_size' must be positive")
+    _check(not d.streaming or bool(d.name),
+           "config key 'data.streaming' applies to hub datasets ('data.name') only")
     lo, hi = d.crop_scale
     _check(0.0 < lo <= hi <= 1.0, f"config key 'data.crop_scale' must satisfy 0 < lo <= hi <= 1, "
                                   f"got {d.crop_scale}")
