@@ -87,3 +87,19 @@ def test_config_errors_name_the_key(override, match, capsys):
         load_config(None, TINY + [override], job="detect")
     assert main(["detect", *TINY, override]) == 2
     assert capsys.readouterr().err.startswith("mim: error: ")
+
+
+def test_interrupted_run_resumes_to_the_same_losses_and_metrics(tmp_path):
+    common = ("data.synthetic_size=16", "data.batch_size=8", "train.epochs=3",
+              "train.eval_every=1", "optim.lr=2e-3", "train.save_every=1", "eval.vis_images=0",
+              "model.drop_path_rate=0.1")
+    full = detect(_cfg(tmp_path, "full", *common))
+    detect(_cfg(tmp_path, "part", *common, "train.max_steps=3"))
+    assert not (tmp_path / "part" / "summary.json").exists()
+    part = detect(_cfg(tmp_path, "part", *common, "run.resume=auto"))
+    a, b = read_metrics(full / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "val/map", "val/map_50"):
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], abs=1e-5), (ra["step"], k)

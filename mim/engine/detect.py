@@ -24,12 +24,13 @@ from mim.data.detection import build_detection_loader, detection_transform, pad_
 from mim.data.detection_sources import build_detection_source, coco_ground_truth
 from mim.data.loader import EpochLoader
 from mim.engine.checkpoint import state_dict_for_save
-from mim.engine.common import (LoopState, Throughput, build_optimizer, build_scheduler,
-                               clip_gradients, count_flops, fmt_count, is_finite,
-                               make_accelerator, prepare_run_dir, print_accounting,
-                               resolve_resume, restore_training_state, save_training_state,
-                               seed_step, start_tracking, write_json)
-from mim.engine.pretrain import _record_bad
+from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, Throughput,
+                               build_optimizer, build_scheduler, check_disk_space,
+                               clip_gradients, count_flops, fmt_count, make_accelerator,
+                               prepare_run_dir, print_accounting, resolve_resume,
+                               restore_training_state, save_training_state, seed_step,
+                               start_tracking, write_json)
+from mim.engine.pretrain import Guards, _record_bad
 from mim.engine.tracking import MetricsLog
 from mim.losses import dense_detection_loss
 from mim.metrics.detection import METRIC_KEYS, CocoDetectionEvaluator, to_coco_results
@@ -86,6 +87,14 @@ def detect(cfg: Any) -> Path:
     """Run (or resume) the detection fine-tuning ``cfg`` describes; returns the run directory."""
     acc = make_accelerator(cfg)
     run_dir = prepare_run_dir(acc, cfg)
+    try:
+        return _detect(acc, cfg, run_dir)
+    finally:
+        acc.end_training()
+        RunLock.release(run_dir)
+
+
+def _detect(acc, cfg: Any, run_dir: Path) -> Path:
     set_seed(cfg.run.seed)
     m, d, o, accum = cfg.model, cfg.data, cfg.optim, cfg.train.grad_accum_steps
     size_div = int(m.patch_size / min(m.pyramid_scales))
@@ -100,6 +109,8 @@ def detect(cfg: Any) -> Path:
     global_batch = d.batch_size * acc.num_processes * accum
     lr = o.lr or o.base_lr * global_batch / 256
     flops = count_flops(model, torch.zeros(1, m.in_chans, m.img_size, m.img_size))
+    if acc.is_main_process:
+        check_disk_space(run_dir, model, cfg.train.keep_last)
     optimizer = build_optimizer(model, cfg, lr,
                                 **({"layer_decay": o.layer_decay} if o.layer_decay < 1 else {}))
     scheduler = build_scheduler(optimizer, cfg, total_updates, updates_per_epoch)
@@ -138,20 +149,30 @@ def detect(cfg: Any) -> Path:
             "global_batch": global_batch, "flops_per_image": flops, "lr": lr,
             "classes": data.classes, "init": init_report}
     last_eval: dict[str, Any] = state.extra.get("last_eval", {})
-    seen_bad: set[str] = set()
-    stopped = False
-    while state.epoch < cfg.train.epochs and not stopped:
-        stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, data.train, state,
-                                  metrics, run_dir, meta, seen_bad)
-        if stopped:
-            break
-        epoch = state.epoch + 1
-        if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
-            last_eval = evaluate_and_log(acc, cfg, model, data, metrics, run_dir, state.step,
-                                         epoch)
-        state.epoch, state.update_in_epoch = epoch, 0
-        state.extra["last_eval"] = {k: last_eval[k] for k in METRIC_KEYS if k in last_eval}
+    guards = Guards(seen_bad=set(), max_bad=int(d.max_bad_fraction * len(data.train.dataset)
+                                                / acc.num_processes),
+                    max_bad_fraction=d.max_bad_fraction,
+                    nonfinite=NonFiniteGuard(cfg.train.max_nonfinite), stop=StopRequest())
+    stopped = None
+    try:
+        while state.epoch < cfg.train.epochs and not stopped:
+            stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, data.train, state,
+                                      metrics, run_dir, meta, guards)
+            if stopped:
+                break
+            epoch = state.epoch + 1
+            if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+                last_eval = evaluate_and_log(acc, cfg, model, data, metrics, run_dir,
+                                             state.step, epoch)
+            state.epoch, state.update_in_epoch = epoch, 0
+            state.extra["last_eval"] = {k: last_eval[k] for k in METRIC_KEYS if k in last_eval}
+    finally:
+        guards.stop.restore()
     save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+    if stopped == "signal":
+        acc.print(f"interrupted by signal {guards.stop.signum} at update {state.step}; checkpoint "
+                  "saved, resume with run.resume=auto")
+        raise SystemExit(143)
     if stopped:
         acc.print(f"stopped at update {state.step} (train.max_steps); resume with run.resume=auto")
     elif acc.is_main_process:
@@ -161,20 +182,21 @@ def detect(cfg: Any) -> Path:
             **{k: last_eval.get(k) for k in METRIC_KEYS},
             "per_class_ap": last_eval.get("per_class_ap", {}), "updates": state.step,
             "epochs": state.epoch, "images_seen": state.images_seen,
-            "bad_samples": state.bad_samples, "data_issues": len(data.issues),
-            "pr_score_thresh": cfg.eval.pr_score_thresh, **meta})
+            "bad_samples": state.bad_samples, "nonfinite_updates": guards.nonfinite.total,
+            "data_issues": len(data.issues), "pr_score_thresh": cfg.eval.pr_score_thresh,
+            **meta})
         acc.print(f"done: {state.step} updates, mAP {last_eval.get('map', 0):.4f}, mAP@0.5 "
                   f"{last_eval.get('map_50', 0):.4f}. Results in {run_dir}/ (summary.json, "
                   "metrics.jsonl, predictions.json, ground_truth.json, detections_*.png, "
                   "model.safetensors)")
     acc.wait_for_everyone()
-    acc.end_training()
     return run_dir
 
 
 def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, state: LoopState,
-                    metrics: MetricsLog, run_dir: Path, meta: dict, seen_bad: set) -> bool:
-    """One epoch of updates from ``state.update_in_epoch``; True when ``train.max_steps`` hit."""
+                    metrics: MetricsLog, run_dir: Path, meta: dict, guards: Guards) -> str | None:
+    """One epoch of updates from ``state.update_in_epoch``; the reason if it stopped early
+    ('max_steps', 'signal'). Non-finite updates are skipped and counted as in pretraining."""
     t, accum, lc = cfg.train, cfg.train.grad_accum_steps, cfg.loss
     updates = meta["updates_per_epoch"]
     batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
@@ -187,11 +209,15 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, 
     while state.update_in_epoch < updates:
         if t.max_steps and state.step >= t.max_steps:
             bar.close()
-            return True
+            return "max_steps"
+        if guards.stop.agreed(acc):
+            bar.close()
+            return "signal"
         scheduler.step_update(state.step)
+        update = torch.zeros(4, device=acc.device)  # loss, focal, box, positives
         for micro in range(accum):
             batch = next(batches)
-            _record_bad(acc, run_dir, state, batch["bad"], seen_bad)
+            _record_bad(acc, run_dir, state, batch["bad"], guards)
             images = batch["images"].to(acc.device, non_blocking=True)
             mask = batch["mask"].to(acc.device, non_blocking=True)
             seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
@@ -207,23 +233,28 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, 
                     alpha=lc.focal_alpha, gamma=lc.focal_gamma, box=lc.box,
                     box_weight=lc.box_weight, num_pos=num_pos)
                 acc.backward(losses["loss"] / accum)
-            sums += torch.stack([losses["loss"].detach(), losses["loss_cls"].detach(),
-                                 losses["loss_box"].detach(), num_pos.detach()])
-            n_sum += 1
+            update += torch.stack([losses["loss"].detach(), losses["loss_cls"].detach(),
+                                   losses["loss_box"].detach(), num_pos.detach()]) / accum
             speed.add(images.shape[0] * acc.num_processes)
         grad_norm = clip_gradients(acc, params, cfg.optim.clip_grad)
-        if is_finite(grad_norm):
+        finite, loss_ok = torch.isfinite(torch.stack([grad_norm.detach().float().reshape(()),
+                                                      update[0].float()])).tolist()
+        if finite and loss_ok:
+            sums += update
+            n_sum += 1
+        if finite or acc.scaler is not None:  # fp16: the loss scaler skips and rescales itself
             optimizer.step()
-        else:
-            state.extra["skipped_nonfinite"] = state.extra.get("skipped_nonfinite", 0) + 1
-            acc.print(f"warning: non-finite gradient at update {state.step}; update skipped")
+        if not finite:
+            acc.print(f"warning: non-finite loss or gradient at update {state.step}; skipped")
+        guards.nonfinite.update(finite, state.step)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.update_in_epoch += 1
         state.images_seen += meta["global_batch"]
         bar.update(1)
         if state.step % t.log_every == 0 or state.update_in_epoch == updates:
-            avg = (acc.reduce(sums, reduction="mean") / max(n_sum, 1)).tolist()
+            total = acc.reduce(torch.cat([sums, sums.new_tensor([float(n_sum)])]), reduction="sum")
+            avg = (total[:4] / total[4]).tolist() if total[4] > 0 else [float("nan")] * 4
             rec = {"step": state.step, "epoch": state.epoch + state.update_in_epoch / updates,
                    "loss": avg[0], "loss_cls": avg[1], "loss_box": avg[2], "positives": avg[3],
                    "lr": max(g["lr"] for g in optimizer.param_groups),
@@ -234,10 +265,10 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, 
             bar.set_postfix(loss=f"{avg[0]:.4f}", lr=f"{rec['lr']:.2e}")
             sums.zero_()
             n_sum = 0
-        if state.step % t.save_every == 0:
+        if state.step % t.save_every == 0 and guards.nonfinite.in_row == 0:
             save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
     bar.close()
-    return False
+    return None
 
 
 def _to_original(det: dict[str, torch.Tensor], size: torch.Tensor, orig: torch.Tensor
