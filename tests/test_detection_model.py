@@ -121,3 +121,13 @@ def test_init_from_an_encoder_file_resamples_position_embedding(tmp_path):
     assert torch.equal(got.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
     assert got.pos_embed.shape == (1, 1 + 64, 32) and "head.weight" in report
     assert torch.allclose(got.pos_embed[:, 0], vit.pos_embed[:, 0])  # class token row kept
+
+
+def test_anchors_stay_float32_under_bf16_autocast():
+    model = _detector()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.anchors.dtype == torch.float32 and out.cls_logits.dtype == torch.bfloat16
+    assert torch.isfinite(out.cls_logits.float()).all()
+    ref = model(torch.randn(2, 3, 64, 64)).anchors
+    assert torch.equal(out.anchors, ref)

@@ -178,7 +178,9 @@ class DenseDetector(nn.Module):
         features = self.backbone(images, mask) * cells[p]
         levels = self.pyramid(features, [cells[s] for s in self.strides])
         cls_logits, box_deltas = self._head(levels, [cells[s] for s in self.strides])
-        anchors = self.anchor_generator(ImageList(images, [(H, W)] * B), levels)[0]
+        # anchors in float32 whatever the autocast dtype (only the maps' sizes are read)
+        sizes_only = [x.new_empty((0, 0, *x.shape[-2:]), dtype=torch.float32) for x in levels]
+        anchors = self.anchor_generator(ImageList(images, [(H, W)] * B), sizes_only)[0]
         centres = ((anchors[:, :2] + anchors[:, 2:]) / 2).long()
         cx, cy = centres[:, 0].clamp(0, W - 1), centres[:, 1].clamp(0, H - 1)
         return DetectorOutput(cls_logits, box_deltas, anchors, mask[:, cy, cx])
