@@ -103,3 +103,34 @@ def test_interrupted_run_resumes_to_the_same_losses_and_metrics(tmp_path):
         for k in ("loss", "val/map", "val/map_50"):
             if k in ra:
                 assert ra[k] == pytest.approx(rb[k], abs=1e-5), (ra["step"], k)
+
+
+def test_two_processes_train_and_evaluate_exactly(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    over = TINY + [f"run.output_dir={tmp_path}", "run.name=ddp", "data.synthetic_size=32",
+                   "data.batch_size=8", "train.epochs=1", "eval.vis_images=2",
+                   "eval.score_thresh=0"]  # an untrained model scores ~0.01 (the prior)
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", "29521", "-m", "mim"]
+    r = subprocess.run(launch + ["detect", *over], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "devices           2 (cpu)" in r.stdout
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["updates"] == 2  # 32 images / (8 per device x 2 processes)
+    preds = json.loads((tmp_path / "ddp" / "predictions.json").read_text())
+    assert len({p["image_id"] for p in preds}) == 32  # both processes' shards, gathered
+    r = subprocess.run(launch + ["evaluate", "--run", str(tmp_path / "ddp")],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads(r.stdout.strip().splitlines()[-1])
+    assert main(["evaluate", "--run", str(tmp_path / "ddp")]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert two == one == {k: summary[k] for k in METRIC_KEYS}
