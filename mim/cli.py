@@ -19,6 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", "-c", help="YAML config (deltas over the defaults)")
     pre.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     pre.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    tok = sub.add_parser("tokenizer", help="train the visual tokenizer BEiT predicts (vq_tokenizer)")
+    tok.add_argument("--config", "-c", help="YAML config (deltas over the defaults)")
+    tok.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    tok.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
 
@@ -35,6 +39,17 @@ def main(argv: list[str] | None = None) -> int:
             from mim.engine.pretrain import pretrain
 
             pretrain(cfg)
+            return 0
+        if args.command == "tokenizer":
+            cfg = load_config(args.config, args.overrides, job="pretrain")
+            if args.print_config:
+                import yaml
+
+                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+                return 0
+            from mim.engine.tokenizer import train_tokenizer
+
+            train_tokenizer(cfg)
             return 0
     except ConfigError as e:
         print(f"mim: error: {e}", file=sys.stderr)

@@ -22,7 +22,7 @@ from mim.engine.common import (LoopState, Throughput, build_optimizer, build_sch
 from mim.engine.checkpoint import state_dict_for_save
 from mim.engine.tracking import MetricsLog
 from mim.models import build_pretrainer
-from mim.viz import reconstruction_grid, save_grid
+from mim.viz import pretrain_grid, save_grid
 
 
 def pretrain(cfg: Any) -> Path:
@@ -111,6 +111,7 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
     batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
     params = [p for p in model.parameters() if p.requires_grad]
     speed, loss_sum, n_sum = Throughput(), torch.zeros((), device=acc.device), 0
+    extra_sums: dict[str, torch.Tensor] = {}  # a model's optional PretrainOutput.metrics
     bar = tqdm(total=updates, initial=state.update_in_epoch, desc=f"epoch {state.epoch}",
                disable=not acc.is_local_main_process, leave=False, dynamic_ncols=True)
     while state.update_in_epoch < updates:
@@ -126,9 +127,12 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
             sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
             with sync:
                 with acc.autocast():
-                    loss = model(images).loss
+                    out = model(images)
+                    loss = out.loss
                 acc.backward(loss / accum)
             loss_sum += loss.detach()
+            for k, v in out.metrics.items():
+                extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().float()
             n_sum += 1
             speed.add(images.shape[0] * acc.num_processes)
         grad_norm = clip_gradients(acc, params, cfg.optim.clip_grad)
@@ -148,6 +152,9 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
                    "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"],
                    "grad_norm": float(grad_norm), "images_per_s": speed.read(),
                    "bad_samples": state.bad_samples}
+            for k, v in extra_sums.items():
+                rec[k] = acc.reduce(v / max(n_sum, 1), reduction="mean").item()
+            extra_sums.clear()
             metrics.write(rec)
             acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=state.step)
             bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{rec['lr']:.2e}")
@@ -183,12 +190,14 @@ def _vis_batch(cfg: Any, source: Any) -> torch.Tensor:
 
 def _save_vis(acc, cfg, model, images: torch.Tensor, run_dir: Path, epoch: int) -> None:
     net = acc.unwrap_model(model)
-    if not len(images) or not hasattr(net, "reconstruct"):
+    if not len(images):
         return
     net.eval()
     with acc.autocast():
-        grid = reconstruction_grid(net, images.to(acc.device), cfg.data.mean, cfg.data.std)
+        grid = pretrain_grid(net, images.to(acc.device), cfg.data.mean, cfg.data.std)
     net.train()
+    if grid is None:
+        return
     path = run_dir / f"recon_epoch{epoch:04d}.png"
     save_grid(grid, path)
     for tracker in acc.trackers:
