@@ -69,6 +69,7 @@ class MethodConfig:
     tokenizer: str = ""  # beit: a `mim tokenizer` run directory or its tokenizer.safetensors
     codebook_size: int = 8192  # vq_tokenizer: number of codes (beit takes it from its tokenizer)
     code_dim: int = 32  # vq_tokenizer: codes are unit vectors of this size
+    code_entropy_weight: float = 0.1  # vq_tokenizer: weight of the codebook-usage entropy loss
 
 
 @dataclass
@@ -414,6 +415,7 @@ def _validate_method(cfg: Any) -> None:
     if m.name == "vq_tokenizer":
         _check(m.codebook_size >= 2, "config key 'method.codebook_size' must be >= 2")
         _check(m.code_dim >= 1, "config key 'method.code_dim' must be >= 1")
+        _check(m.code_entropy_weight >= 0, "config key 'method.code_entropy_weight' must be >= 0")
     if m.name == "vq_tokenizer":
         _check(m.decoder_depth >= 1, "config key 'method.decoder_depth' must be >= 1")
         _check(m.decoder_heads >= 1 and m.decoder_dim % m.decoder_heads == 0,

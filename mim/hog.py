@@ -18,7 +18,7 @@ from einops import rearrange
 
 def hog_cells(images: torch.Tensor, cell: int, bins: int = 9, eps: float = 1e-5) -> torch.Tensor:
     """(B, C, H, W) -> per-cell histograms (B, C, bins, H / cell, W / cell), L2-normalised."""
-    B, C, H, W = images.shape
+    H, W = images.shape[-2:]
     if H % cell or W % cell:
         raise ValueError(f"image size {H}x{W} is not a multiple of the HOG cell {cell}")
     x = images.float() if images.dtype in (torch.float16, torch.bfloat16) else images

@@ -17,10 +17,10 @@ from mim.models.encoder import MaskedEncoder
 
 def masking_kwargs(method: Any) -> dict[str, Any]:
     """The masking arguments of :class:`MaskedPredictionModel` from a ``MethodConfig``."""
-    return dict(mask_ratio=method.mask_ratio, mask_type=method.mask_type,
-                block_min_patches=method.block_min_patches,
-                block_max_patches=method.block_max_patches,
-                block_aspect=tuple(method.block_aspect))
+    return {"mask_ratio": method.mask_ratio, "mask_type": method.mask_type,
+            "block_min_patches": method.block_min_patches,
+            "block_max_patches": method.block_max_patches,
+            "block_aspect": tuple(method.block_aspect)}
 
 
 class MaskedPredictionModel(nn.Module):
