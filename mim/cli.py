@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mim.config import ConfigError, load_config
+from mim.config import ConfigError, RunError, load_config
+from mim.engine.checkpoint import UnsafeCheckpoint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mim: error: {e}", file=sys.stderr)
         return 2
+    except (RunError, UnsafeCheckpoint) as e:
+        print(f"mim: error: {e}", file=sys.stderr)
+        return 1
     return 1
 
 

@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A configuration problem found before any work starts (exit code 2)."""
 
 
+class RunError(RuntimeError):
+    """A run stopped on purpose by a guard (bad data, divergence); exit code 1, one line."""
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -79,11 +83,13 @@ class DataConfig:
     synthetic: bool = False  # the built-in procedural image set (no download)
     synthetic_size: int = 2048
     split: str = "train"
-    streaming: bool = False  # hub datasets only
+    streaming: bool = False  # read data.name as a stream (no full download)
+    num_examples: int = 0  # streaming only: examples per epoch when the dataset card lacks it
     image_column: str = ""  # empty: the first image-typed column
     label_column: str = ""  # empty: "label" or "labels" when present
     batch_size: int = 64  # per device
     num_workers: int = 4
+    max_bad_fraction: float = 0.01  # stop when more of the dataset than this is unreadable
     crop_scale: tuple[float, float] = (0.2, 1.0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -118,6 +124,8 @@ class TrainConfig:
     keep_last: int = 2
     vis_every: int = 1  # epochs between reconstruction grids; 0 = only at the end
     vis_images: int = 8
+    max_nonfinite: int = 10  # stop after this many non-finite updates in a row
+    dist_timeout_s: int = 600  # a collective waiting longer than this fails (dead peer)
 
 
 @dataclass
@@ -361,6 +369,8 @@ def _validate_common(cfg: Any) -> None:
     _check(d.batch_size > 0, f"config key 'data.batch_size' must be positive, got {d.batch_size}")
     _check(d.num_workers >= 0, "config key 'data.num_workers' must be >= 0")
     _check(d.synthetic_size > 0, "config key 'data.synthetic_size' must be positive")
+    _check(not d.streaming or bool(d.name),
+           "config key 'data.streaming' applies to hub datasets ('data.name') only")
     lo, hi = d.crop_scale
     _check(0.0 < lo <= hi <= 1.0, f"config key 'data.crop_scale' must satisfy 0 < lo <= hi <= 1, "
                                   f"got {d.crop_scale}")
@@ -378,6 +388,9 @@ def _validate_common(cfg: Any) -> None:
     _check(t.save_every > 0, "config key 'train.save_every' must be positive")
     _check(t.keep_last > 0, "config key 'train.keep_last' must be positive")
     _check(t.vis_every >= 0, "config key 'train.vis_every' must be >= 0")
+    _check(t.max_nonfinite > 0, "config key 'train.max_nonfinite' must be positive")
+    _check(t.dist_timeout_s > 0, "config key 'train.dist_timeout_s' must be positive")
+    _check(0.0 <= d.max_bad_fraction <= 1.0, "config key 'data.max_bad_fraction' must be in [0, 1]")
     _check(cfg.run.resume in ("auto", "none") or Path(cfg.run.resume).exists(),
            f"config key 'run.resume' must be 'auto', 'none' or an existing checkpoint, "
            f"got {cfg.run.resume!r}")
