@@ -158,7 +158,7 @@ def test_engine_logs_beit_token_accuracy_and_token_grid(engine_runs):
 def test_encoder_export_loads_into_timm(name, engine_runs):
     run = engine_runs[name]
     file = run / "encoder.safetensors"
-    # custom_load=False: timm < 1.0.31 otherwise reads this arch's weights as a JAX .npz
+    # custom_load=False: timm 1.0.29 (seen; 1.0.31 is fine) otherwise expects a JAX .npz here
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=True,
                             pretrained_cfg_overlay={"file": str(file), "custom_load": False},
                             num_classes=0, img_size=32, patch_size=8, embed_dim=64, depth=2,
