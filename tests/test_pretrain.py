@@ -74,7 +74,8 @@ def test_encoder_export_loads_in_timm(tiny):
     cfg = load_config(None, tiny("train.epochs=1"))
     run_dir = pretrain(cfg)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0,
-                            pretrained_cfg_overlay=dict(file=str(run_dir / "encoder.safetensors")),
+                            pretrained_cfg_overlay=dict(file=str(run_dir / "encoder.safetensors"),
+                                                        custom_load=False),
                             img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
     ours = build_pretrainer(cfg)
     ours.encoder.vit.load_state_dict(load_file(run_dir / "encoder.safetensors"))
