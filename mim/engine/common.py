@@ -4,11 +4,13 @@ accounting, and the checkpoint state of a training loop."""
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
@@ -54,15 +56,21 @@ def start_tracking(acc: Accelerator, cfg: Any, run_dir: Path) -> None:
 
 
 def seed_step(seed: int, rank: int, micro_step: int) -> None:
-    """Reseed every RNG a step draws from (masks, drop path) as a pure function of its position,
-    so a resumed run repeats the uninterrupted one exactly."""
-    torch.manual_seed(sample_seed(seed, rank, micro_step, 0xC0DE))
+    """Reseed every RNG a step draws from (masks, drop path, timm's numpy-drawn mixup) as a pure
+    function of its position, so a resumed run repeats the uninterrupted one exactly."""
+    s = sample_seed(seed, rank, micro_step, 0xC0DE)
+    torch.manual_seed(s)
+    np.random.seed(s & 0xFFFFFFFF)
+    random.seed(s)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Any, lr: float, **kw: Any) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms, biases, position and class/mask tokens (timm's groups)."""
-    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.optim.weight_decay,
-                               betas=tuple(cfg.optim.betas), **kw)
+    """AdamW (or ``optim.optimizer`` where the config has one); no weight decay on norms, biases,
+    position and class/mask tokens (timm's groups); ``layer_decay=`` goes through to timm."""
+    name = getattr(cfg.optim, "optimizer", "adamw")
+    if "adam" in name:
+        kw.setdefault("betas", tuple(cfg.optim.betas))
+    return create_optimizer_v2(model, name, lr=lr, weight_decay=cfg.optim.weight_decay, **kw)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_updates: int,
@@ -198,3 +206,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 def is_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all().item())
+
+
+def record_bad_samples(acc, run_dir: Path, state: LoopState, bad: list) -> None:
+    """Count unreadable samples and append them to ``data_issues.jsonl``."""
+    if not bad:
+        return
+    state.bad_samples += len(bad)
+    with open(run_dir / "data_issues.jsonl", "a") as f:
+        for path, err in bad:
+            f.write(json.dumps({"rank": acc.process_index, "path": path, "error": err,
+                                "step": state.step}) + "\n")
+    acc.print(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0][0]}: {bad[0][1]}")

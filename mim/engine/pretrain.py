@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_
 from mim.engine.common import (LoopState, Throughput, build_optimizer, build_scheduler,
                                clip_gradients, count_flops, fmt_count, is_finite,
                                make_accelerator, prepare_run_dir, print_accounting,
-                               resolve_resume, restore_training_state, save_training_state,
-                               seed_step, start_tracking, write_json)
+                               record_bad_samples, resolve_resume, restore_training_state,
+                               save_training_state, seed_step, start_tracking, write_json)
 from mim.engine.checkpoint import state_dict_for_save
 from mim.engine.tracking import MetricsLog
 from mim.models import build_pretrainer
@@ -120,7 +119,7 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
         scheduler.step_update(state.step)
         for micro in range(accum):
             batch = next(batches)
-            _record_bad(acc, run_dir, state, batch["bad"])
+            record_bad_samples(acc, run_dir, state, batch["bad"])
             images = batch["image"].to(acc.device, non_blocking=True)
             seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
             sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
@@ -157,17 +156,6 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
             save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
     bar.close()
     return False
-
-
-def _record_bad(acc, run_dir: Path, state: LoopState, bad: list) -> None:
-    if not bad:
-        return
-    state.bad_samples += len(bad)
-    with open(run_dir / "data_issues.jsonl", "a") as f:
-        for path, err in bad:
-            f.write(json.dumps({"rank": acc.process_index, "path": path, "error": err,
-                                "step": state.step}) + "\n")
-    acc.print(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0][0]}: {bad[0][1]}")
 
 
 def _vis_batch(cfg: Any, source: Any) -> torch.Tensor:
