@@ -82,6 +82,12 @@ class HFImageSource:
     def __len__(self) -> int:
         return len(self.ds)
 
+    def labels(self) -> list[int]:
+        if not self.label_column:
+            raise ConfigError("the dataset has no label column ('label'/'labels'); "
+                              "set 'data.label_column'")
+        return [int(v) for v in self.ds[self.label_column]]
+
     def load(self, index: int) -> tuple[Image.Image, int | None, str]:
         row = self.ds[int(index)]
         cell = row[self.image_column]
