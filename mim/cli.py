@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune a classifier from an encoder checkpoint")
     ft.add_argument("--config", "-c", help="YAML config (deltas over the defaults)")
     ft.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. init=RUN_DIR")
-    ft.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ft.add_argument("--print-config", action="store_true",
+                    help="print the resolved config and exit")
     ev = sub.add_parser("evaluate", help="re-evaluate the best checkpoint of a fine-tuning run")
     ev.add_argument("--run", required=True, help="the fine-tuning run directory")
     ev.add_argument("--split", default="", help="dataset split (default: the run's val split)")

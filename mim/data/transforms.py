@@ -30,8 +30,8 @@ def eval_transform(img_size: int, mean, std, crop_pct: float = 1.0) -> T.Compose
     ])
 
 
-def finetune_transform(img_size: int, crop_scale: tuple[float, float], mean, std, hflip: float = 0.5,
-                       auto_augment: str = "", reprob: float = 0.0) -> Any:
+def finetune_transform(img_size: int, crop_scale: tuple[float, float], mean, std,
+                       hflip: float = 0.5, auto_augment: str = "", reprob: float = 0.0) -> Any:
     """timm's training transform as MAE fine-tuning: RandomResizedCrop(scale), flip, optional
     RandAugment (``auto_augment``) and random erasing (``reprob``), normalise."""
     return create_transform(img_size, is_training=True, scale=tuple(crop_scale), hflip=hflip,

@@ -208,13 +208,17 @@ def is_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all().item())
 
 
-def record_bad_samples(acc, run_dir: Path, state: LoopState, bad: list) -> None:
-    """Count unreadable samples and append them to ``data_issues.jsonl``."""
-    if not bad:
+def record_bad_samples(acc: Accelerator, run_dir: Path, state: LoopState, bad: list,
+                       seen: set) -> None:
+    """Count each unreadable file once and list it in data_issues.jsonl (path, error, rank)."""
+    new = [(p, err) for p, err in bad if p not in seen]
+    if not new:
         return
-    state.bad_samples += len(bad)
+    seen.update(p for p, _ in new)
+    state.bad_samples += len(new)
     with open(run_dir / "data_issues.jsonl", "a") as f:
-        for path, err in bad:
+        for path, err in new:
             f.write(json.dumps({"rank": acc.process_index, "path": path, "error": err,
                                 "step": state.step}) + "\n")
-    acc.print(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0][0]}: {bad[0][1]}")
+    acc.print(f"warning: skipped unreadable image {new[0][0]} ({new[0][1]}); "
+              f"{state.bad_samples} so far, listed in data_issues.jsonl")

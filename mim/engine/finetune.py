@@ -167,11 +167,12 @@ def finetune(cfg: Any) -> Path:
             "train_images": data.train_images, "val_images": data.val_images,
             "init": init_report.to_dict()}
     last_eval: dict[str, Any] = state.extra.get("last_eval", {})
+    seen_bad: set[str] = set()
     stopped = False
     while state.epoch < cfg.train.epochs and not stopped:
         meta["dropout_scale"] = dropout.set_epoch(state.epoch)
         stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, data.train, state,
-                                  metrics, run_dir, meta, mixup, criterion)
+                                  metrics, run_dir, meta, mixup, criterion, seen_bad)
         if stopped:
             break
         epoch = state.epoch + 1
@@ -196,7 +197,7 @@ def finetune(cfg: Any) -> Path:
 
 def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, state: LoopState,
                     metrics: MetricsLog, run_dir: Path, meta: dict, mixup: Mixup | None,
-                    criterion: Callable) -> bool:
+                    criterion: Callable, seen_bad: set) -> bool:
     """One epoch of updates from ``state.update_in_epoch``; True when ``train.max_steps`` hit."""
     t, accum = cfg.train, cfg.train.grad_accum_steps
     updates = meta["updates_per_epoch"]
@@ -213,7 +214,7 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, 
         scheduler.step_update(state.step)
         for micro in range(accum):
             batch = next(batches)
-            record_bad_samples(acc, run_dir, state, batch["bad"])
+            record_bad_samples(acc, run_dir, state, batch["bad"], seen_bad)
             images = batch["image"].to(acc.device, non_blocking=True)
             targets = batch["label"].to(acc.device, non_blocking=True)
             seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)

@@ -76,11 +76,12 @@ def pretrain(cfg: Any) -> Path:
     vis_images = _vis_batch(cfg, source)
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
             "global_batch": global_batch, "flops_per_image": flops}
+    seen_bad: set[str] = set()
 
     stopped = False
     while state.epoch < cfg.train.epochs and not stopped:
         stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state, metrics,
-                                  run_dir, meta)
+                                  run_dir, meta, seen_bad)
         if not stopped:
             last = state.epoch == cfg.train.epochs - 1
             every = cfg.train.vis_every
@@ -103,7 +104,7 @@ def pretrain(cfg: Any) -> Path:
 
 
 def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopState,
-                    metrics: MetricsLog, run_dir: Path, meta: dict) -> bool:
+                    metrics: MetricsLog, run_dir: Path, meta: dict, seen_bad: set) -> bool:
     """One epoch of updates from ``state.update_in_epoch``; True when ``train.max_steps`` hit."""
     t, accum = cfg.train, cfg.train.grad_accum_steps
     updates = meta["updates_per_epoch"]
@@ -119,7 +120,7 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
         scheduler.step_update(state.step)
         for micro in range(accum):
             batch = next(batches)
-            record_bad_samples(acc, run_dir, state, batch["bad"])
+            record_bad_samples(acc, run_dir, state, batch["bad"], seen_bad)
             images = batch["image"].to(acc.device, non_blocking=True)
             seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
             sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()

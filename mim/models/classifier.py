@@ -8,9 +8,9 @@ Built with the run's ``ModelConfig`` through :func:`create_vit`, initialised by
 - linear probe: a frozen encoder, ``BatchNorm1d(affine=False)`` in front of the linear head;
 - partial fine-tune: the last k blocks, the final norms and the head train.
 
-The BatchNorm head is the only part timm's VisionTransformer does not have: :func:`export_state_dict`
-folds it into the linear layer, so the exported weights load into a plain timm ViT and give the
-same logits as the evaluated model.
+The BatchNorm head is the only part timm's VisionTransformer does not have:
+:func:`export_state_dict` folds it into the linear layer, so the exported weights load into a plain
+timm ViT and give the same logits as the evaluated model.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Initialise a timm ViT from someone else's weights: ``load_encoder_init(vit, init) -> InitReport``.
+"""Initialise a timm ViT from other weights: ``load_encoder_init(vit, init) -> InitReport``.
 
 ``init`` names where the weights come from:
 - ``scratch``: keep the random initialisation;
@@ -148,8 +148,9 @@ def _timm_state(name: str, init_file: str) -> tuple[StateDict, str, str]:
     except Exception as e:  # noqa: BLE001 - any failure here means "no weights", said plainly
         where = init_file or "the download"
         hint = "" if init_file else " (offline? pass a local file with init_file=...)"
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise InitError(f"config key 'init': timm:{name} weights from {where} failed to load: "
-                        f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}{hint}") from None
+                        f"{type(e).__name__}: {first}{hint}") from None
     return src.state_dict(), "timm", init_file or f"timm:{name}"
 
 
@@ -173,7 +174,8 @@ def to_timm_keys(state: StateDict, vit: VisionTransformer) -> tuple[StateDict, l
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("encoder.vit.") for k in state):
         dropped = [k for k in state if not k.startswith("encoder.vit.")]
-        state = {k[len("encoder.vit."):]: v for k, v in state.items() if k.startswith("encoder.vit.")}
+        state = {k.removeprefix("encoder.vit."): v for k, v in state.items()
+                 if k.startswith("encoder.vit.")}
     else:
         dropped = []
     for k in list(state):
