@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,12 +93,13 @@ def read_init_state(init: str, init_file: str = "") -> tuple[StateDict, str, str
     if init.startswith("timm:"):
         return _timm_state(init[len("timm:"):], init_file)
     path = Path(init)
-    if path.is_dir():
+    from_run = path.is_dir()
+    if from_run:
         path = _weights_in_dir(path)
     if not path.is_file():
         raise InitError(f"config key 'init': no such file or folder: {init}")
     state = load_file(str(path)) if path.suffix == ".safetensors" else load_weights_only(path)
-    return state, _kind_of(state), str(path)
+    return state, "mim" if from_run else _kind_of(state), str(path)
 
 
 def _weights_in_dir(d: Path) -> Path:
@@ -123,10 +125,10 @@ def load_weights_only(path: Path) -> StateDict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()
-        detail = next((ln for ln in reason if "GLOBAL" in ln or "Unsupported" in ln), reason[0])
-        raise InitError(f"config key 'init': {path} is not a weights-only checkpoint, so mim will "
-                        f"not unpickle it ({detail.strip()[:200]}). Re-save its state dict "
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        detail = f"it pickles {found.group(1)}" if found else str(e).strip().splitlines()[0][:160]
+        raise InitError(f"config key 'init': {path} is not a weights-only checkpoint ({detail}); "
+                        "mim does not unpickle code. Re-save its state dict "
                         "(torch.save(ckpt['model'], ...)) or convert it to safetensors") from None
     for key in ("model", "state_dict", "module", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
