@@ -9,6 +9,7 @@ from mim import load_config
 from mim.engine.common import build_optimizer
 from mim.models.classifier import (DropoutSchedule, build_classifier, dropout_scale,
                                    export_classifier)
+from tests.conftest import REPO
 
 TINY_FT = ["model.arch=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8",
            "model.embed_dim=32", "model.depth=4", "model.num_heads=2", "data.synthetic=true"]
@@ -102,3 +103,11 @@ def test_dropout_schedule_switches_at_epoch_e():
     schedule.set_epoch(0)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "finetune").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_finetune_config_is_valid(path):
+    # the data source is swapped for the synthetic set: the recipes' datasets are not here
+    c = load_config(path, ["data.name=", "data.path=", "data.synthetic=true"], job="finetune")
+    assert c.run.name and c.train.epochs > 0
