@@ -57,6 +57,7 @@ def build_classification_data(cfg: Any, rank: int, world_size: int) -> Classific
     keep = stratified_subset(labels, d.label_fraction, cfg.run.seed)
     train = full if len(keep) == len(full) else SubsetSource(full, keep)
     val = build_source(d, image_size=m.img_size, seed=cfg.run.seed, split=d.val_split)
+    _check_val_split(d, full, val)
     common = dict(num_workers=d.num_workers, rank=rank, world_size=world_size, seed=cfg.run.seed,
                   pin_memory=torch.cuda.is_available())
     train_loader = build_epoch_loader(
@@ -68,6 +69,21 @@ def build_classification_data(cfg: Any, rank: int, world_size: int) -> Classific
         batch_size=d.eval_batch_size or d.batch_size, shuffle=False, drop_last=False, **common)
     return ClassificationData(train_loader, val_loader, num_classes,
                               class_names(full, num_classes), len(train), len(full), len(val))
+
+
+def _check_val_split(d: Any, train: Any, val: Any) -> None:
+    """A local folder without the validation split would silently score the training images."""
+    if d.path and Path(d.path).is_dir() and not any(
+            (Path(d.path) / f).exists() for f in ("dataset_dict.json", d.val_split)) \
+            and not any(f.stem == d.val_split or f.name.startswith(f"{d.val_split}-")
+                        for f in Path(d.path).rglob("*.parquet")):
+        raise ConfigError(f"config key 'data.val_split': {d.path} has no '{d.val_split}' split "
+                          f"(a {d.val_split}/ folder or {d.val_split}-*.parquet files); the "
+                          "validation images must not be the training images")
+    names_train, names_val = getattr(train, "classes", None), getattr(val, "classes", None)
+    if names_train and names_val and list(names_train) != list(names_val):
+        raise ConfigError(f"config key 'data.val_split': its classes {list(names_val)[:5]}... "
+                          f"differ from the training split's {list(names_train)[:5]}...")
 
 
 def build_mixup(cfg: Any, num_classes: int) -> Mixup | None:
