@@ -508,6 +508,8 @@ def _validate_finetune(cfg: Any) -> None:
     _check(0 <= cfg.loss.label_smoothing < 1, "config key 'loss.label_smoothing' must be in [0, 1)")
     _check(cfg.loss.gamma >= 0, "config key 'loss.gamma' must be >= 0")
     _check(all(a >= 0 for a in cfg.loss.alpha), "config key 'loss.alpha' must be >= 0")
+    _check(not cfg.loss.alpha or cfg.loss.name == "focal",
+           "config key 'loss.alpha' weights the focal loss: set loss.name=focal")
     _check(not (cfg.loss.alpha and m.num_classes and len(cfg.loss.alpha) != m.num_classes),
            f"config key 'loss.alpha' needs one weight per class ({m.num_classes})")
     mx = cfg.mixup

@@ -58,6 +58,10 @@ def build_classification_data(cfg: Any, rank: int, world_size: int) -> Classific
     train = full if len(keep) == len(full) else SubsetSource(full, keep)
     val = build_source(d, image_size=m.img_size, seed=cfg.run.seed, split=d.val_split)
     _check_val_split(d, full, val)
+    val_labels = source_labels(val)
+    if val_labels and (min(val_labels) < 0 or max(val_labels) >= num_classes):
+        raise ConfigError(f"'{d.val_split}' labels span [{min(val_labels)}, {max(val_labels)}], "
+                          f"outside the {num_classes} training classes")
     common = dict(num_workers=d.num_workers, rank=rank, world_size=world_size, seed=cfg.run.seed,
                   pin_memory=torch.cuda.is_available())
     train_loader = build_epoch_loader(
