@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, 
                                build_optimizer, build_scheduler, check_disk_space,
                                clip_gradients, count_flops, fmt_count,
                                make_accelerator, prepare_run_dir, print_accounting,
-                               resolve_resume, restore_training_state, save_training_state,
-                               seed_step, start_tracking, write_json)
+                               record_bad_samples, resolve_resume, restore_training_state,
+                               save_training_state, seed_step, start_tracking, write_json)
 from mim.engine.checkpoint import state_dict_for_save
 from mim.engine.tracking import MetricsLog
 from mim.models import build_pretrainer
@@ -166,7 +165,8 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
         update_metrics: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             batch = next(batches)
-            _record_bad(acc, run_dir, state, batch["bad"], guards)
+            record_bad_samples(acc, run_dir, state, batch["bad"], guards.seen_bad,
+                               guards.max_bad, guards.max_bad_fraction)
             images = batch["image"].to(acc.device, non_blocking=True)
             seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
             sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
@@ -219,24 +219,6 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
             save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
     bar.close()
     return False
-
-
-def _record_bad(acc, run_dir: Path, state: LoopState, bad: list, guards: Guards) -> None:
-    """Count each unreadable file once and list it in data_issues.jsonl (path, error, rank)."""
-    new = [(p, err) for p, err in bad if p not in guards.seen_bad]
-    if not new:
-        return
-    guards.seen_bad.update(p for p, _ in new)
-    state.bad_samples += len(new)
-    with open(run_dir / "data_issues.jsonl", "a") as f:
-        for path, err in new:
-            f.write(json.dumps({"rank": acc.process_index, "path": path, "error": err,
-                                "step": state.step}) + "\n")
-    acc.print(f"warning: skipped unreadable image {new[0][0]} ({new[0][1]}); "
-              f"{state.bad_samples} so far, listed in data_issues.jsonl")
-    if state.bad_samples > guards.max_bad:
-        raise RunError(f"{state.bad_samples} unreadable images, more than data.max_bad_fraction="
-                       f"{guards.max_bad_fraction} of the data; see {run_dir}/data_issues.jsonl")
 
 
 def _vis_batch(cfg: Any, source: Any) -> torch.Tensor:
