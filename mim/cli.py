@@ -1,32 +1,44 @@
 """``mim <command> --config FILE [key=value ...]``: parse, validate, hand over to an engine.
 
 Every problem found before work starts (bad key, bad value, missing path) prints one line
-``mim: error: ...`` and exits with code 2.
+``mim: error: ...`` and exits with code 2; a run stopped by a guard (bad data, divergence, an
+unsafe checkpoint) prints one line and exits with code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from pathlib import Path
 
 from mim.config import ConfigError, RunError, load_config
 from mim.engine.checkpoint import UnsafeCheckpoint
+
+# command -> (config schema, "module:function" run with the validated config, help)
+CONFIG_COMMANDS = {
+    "pretrain": ("pretrain", "mim.engine.pretrain:pretrain",
+                 "self-supervised pretraining (MAE, SimMIM, MaskFeat, BEiT)"),
+    "tokenizer": ("pretrain", "mim.engine.tokenizer:train_tokenizer",
+                  "train the visual tokenizer BEiT predicts (vq_tokenizer)"),
+    "finetune": ("finetune", "mim.engine.finetune:finetune",
+                 "fine-tune a classifier, or a detector (task: detect), from an encoder (init=...)"),
+}
+# tasks of `mim finetune` other than classification: task -> (config schema, engine)
+FINETUNE_TASKS = {"detect": ("detect", "mim.engine.detect:detect")}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mim", description="Masked image modeling on timm ViTs.")
     sub = p.add_subparsers(dest="command", required=True)
-    pre = sub.add_parser("pretrain", help="self-supervised pretraining (MAE)")
-    pre.add_argument("--config", "-c", help="YAML config (deltas over the defaults)")
-    pre.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    pre.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    det = sub.add_parser("detect", help="detection fine-tuning (ViT + feature pyramid + RetinaNet)")
-    det.add_argument("--config", "-c", help="YAML config (deltas over the defaults)")
-    det.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. init=RUN_DIR")
-    det.add_argument("--print-config", action="store_true",
-                     help="print the resolved config and exit")
-    ev = sub.add_parser("evaluate", help="re-evaluate a finished detection run")
-    ev.add_argument("--run", required=True, help="the run directory")
+    for name, (_, _, help_text) in CONFIG_COMMANDS.items():
+        c = sub.add_parser(name, help=help_text)
+        c.add_argument("--config", "-c", help="YAML config (deltas over the defaults)")
+        c.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+        c.add_argument("--print-config", action="store_true",
+                       help="print the resolved config and exit")
+    ev = sub.add_parser("evaluate", help="re-evaluate a fine-tuning run (classifier or detector)")
+    ev.add_argument("--run", required=True, help="the fine-tuning run directory")
     ev.add_argument("--split", default="", help="dataset split (default: the run's val split)")
     evd = sub.add_parser("evaluate-detections",
                          help="COCO metrics of any detector's results file, as one JSON object")
@@ -38,50 +50,58 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "pretrain":
-            cfg = load_config(args.config, args.overrides, job="pretrain")
-            if args.print_config:
-                import yaml
+def finetune_task(config: str | None, overrides: list[str]) -> str:
+    """The ``task`` a fine-tuning config names (YAML ``task:`` or a ``task=`` override);
+    "classify" when it names none."""
+    import yaml
 
-                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-                return 0
-            from mim.engine.pretrain import pretrain
+    task = "classify"
+    if config and Path(config).is_file():
+        try:
+            raw = yaml.safe_load(Path(config).read_text())
+        except yaml.YAMLError:
+            raw = None  # load_config reports it
+        if isinstance(raw, dict) and "task" in raw:
+            task = str(raw["task"])
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "task":
+            task = value.strip()
+    if task != "classify" and task not in FINETUNE_TASKS:
+        raise ConfigError(f"config key 'task' must be one of {list(FINETUNE_TASKS)} "
+                          f"(or absent for classification), got {task!r}")
+    return task
 
-            pretrain(cfg)
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command in CONFIG_COMMANDS:
+        job, target, _ = CONFIG_COMMANDS[args.command]
+        if args.command == "finetune":
+            task = finetune_task(args.config, args.overrides)
+            job, target = FINETUNE_TASKS.get(task, (job, target))
+        cfg = load_config(args.config, args.overrides, job=job)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
-        if args.command == "detect":
-            cfg = load_config(args.config, args.overrides, job="detect")
-            if args.print_config:
-                import yaml
-
-                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-                return 0
-            from mim.engine.detect import detect
-
-            detect(cfg)
-            return 0
-        if args.command == "evaluate":
+        module, func = target.split(":")
+        getattr(importlib.import_module(module), func)(cfg)
+        return 0
+    if args.command == "evaluate":
+        if finetune_task(str(Path(args.run) / "config.yaml"), []) == "detect":
             from mim.engine.detect import evaluate_run
-
-            evaluate_run(args.run, args.split)
-            return 0
-        if args.command == "evaluate-detections":
-            return _evaluate_detections(args)
-    except ConfigError as e:
-        print(f"mim: error: {e}", file=sys.stderr)
-        return 2
-    except (RunError, UnsafeCheckpoint) as e:
-        print(f"mim: error: {e}", file=sys.stderr)
-        return 1
+        else:
+            from mim.engine.evaluate import evaluate_run
+        evaluate_run(args.run, args.split)
+        return 0
+    if args.command == "evaluate-detections":
+        return _evaluate_detections(args)
     return 1
 
 
 def _evaluate_detections(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from mim.metrics.detection import METRIC_KEYS, evaluate_files
 
@@ -95,6 +115,18 @@ def _evaluate_detections(args: argparse.Namespace) -> int:
     keys = (*METRIC_KEYS, "per_class_ap") if args.per_class else METRIC_KEYS
     print(json.dumps({k: out[k] for k in keys}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as e:
+        print(f"mim: error: {e}", file=sys.stderr)
+        return 2
+    except (RunError, UnsafeCheckpoint) as e:
+        print(f"mim: error: {e}", file=sys.stderr)
+        return 1
 
 
 def entry() -> None:

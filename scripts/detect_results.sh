@@ -46,7 +46,7 @@ for run in $RUNS; do
     esac
     [ -f "$OUT/$run/summary.json" ] && continue
     /usr/bin/time -f '{"wall_s": %e, "cpu_s": %U, "sys_s": %S}' -o "$OUT/$run.time.json" \
-        "${MIM[@]}" detect --config "configs/detect/$data.yaml" run.output_dir="$OUT" \
+        "${MIM[@]}" finetune --config "configs/detect/$data.yaml" run.output_dir="$OUT" \
         run.name="$run" init="$init" run.resume=none
 done
 

@@ -11,7 +11,7 @@ from mim.engine.detect import detect
 from mim.engine.tracking import read_metrics
 from mim.metrics.detection import METRIC_KEYS
 
-TINY = ["model.arch=vit_tiny_patch16_224", "model.img_size=64", "model.patch_size=8",
+TINY = ["task=detect", "model.arch=vit_tiny_patch16_224", "model.img_size=64", "model.patch_size=8",
         "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pyramid_dim=32",
         "data.synthetic=true", "data.num_workers=0", "tracking.backend=none",
         "run.resume=none", "train.log_every=1"]
@@ -80,12 +80,13 @@ def test_overfits_a_handful_of_synthetic_images(tmp_path):
     ("data.scale_range=[0.5,2]", r"'data.scale_range'"),
     ("loss.focal_gama=2", r"unknown config key 'loss.focal_gama' \(did you mean"),
     ("data.format=voc", r"'data.format' must be one of"),
-    ("init=/no/such/run", r"'init' must be 'scratch' or an existing path"),
+    ("init=/no/such/run", r"'init' must be 'scratch', 'timm:<name>' or an existing path"),
+    ("task=segment", r"'task' must be one of \['detect'\]"),
 ])
 def test_config_errors_name_the_key(override, match, capsys):
     with pytest.raises(ConfigError, match=match):
         load_config(None, TINY + [override], job="detect")
-    assert main(["detect", *TINY, override]) == 2
+    assert main(["finetune", *TINY, override]) == 2
     assert capsys.readouterr().err.startswith("mim: error: ")
 
 
@@ -119,7 +120,7 @@ def test_two_processes_train_and_evaluate_exactly(tmp_path, capsys):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--main_process_port", "29521", "-m", "mim"]
-    r = subprocess.run(launch + ["detect", *over], capture_output=True, text=True, timeout=300,
+    r = subprocess.run(launch + ["finetune", *over], capture_output=True, text=True, timeout=300,
                        env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "devices           2 (cpu)" in r.stdout

@@ -3,18 +3,21 @@
 Two choices make a run resumable to the exact loss sequence and independent of worker count:
 - the sample order of epoch ``e`` is a permutation drawn from ``(seed, e)``; process ``r`` of
   ``W`` takes every W-th index of it, and a resumed epoch starts at its saved batch offset;
-- the random augmentation of sample ``i`` in epoch ``e`` is drawn from its own generator seeded
-  by ``(seed, e, i)``, never from a worker's global state.
+- the random augmentation of sample ``i`` in epoch ``e`` is drawn from generators seeded by
+  ``(seed, e, i)`` (torch, numpy and ``random``), never from a worker's global state.
 A sample that cannot be decoded is replaced by another one and reported (path and error) in the
 batch's ``bad`` list, so the engine can count and log it.
 """
 
 from __future__ import annotations
 
+import random
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
@@ -28,6 +31,22 @@ def sample_seed(*parts: int) -> int:
         h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+@contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed torch, numpy and Python's ``random`` for a block, then restore them: timm's
+    RandAugment and random erasing draw from the latter two."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class TransformedDataset(Dataset):
@@ -49,8 +68,7 @@ class TransformedDataset(Dataset):
             i = (index + attempt * 7919) % n
             try:
                 img, label, path = self.source.load(i)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+                with seeded_rngs(sample_seed(self.seed, self.epoch, i)):
                     x = self.transform(img)
             except UnreadableImage as e:
                 bad.append((e.path, e.reason))

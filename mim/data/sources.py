@@ -90,6 +90,12 @@ class HFImageSource:
     def __len__(self) -> int:
         return len(self.ds)
 
+    def labels(self) -> list[int]:
+        if not self.label_column:
+            raise ConfigError("the dataset has no label column ('label'/'labels'); "
+                              "set 'data.label_column'")
+        return [int(v) for v in self.ds[self.label_column]]
+
     def load(self, index: int) -> tuple[Image.Image, int | None, str]:
         row = self.ds[int(index)]
         cell = row[self.image_column]
@@ -137,7 +143,10 @@ def load_local(path: str, split: str) -> Any:
     parquet = [str(f) for f in sorted(p.rglob("*.parquet"))] if p.is_dir() else (
         [str(p)] if p.suffix == ".parquet" else [])
     if parquet:
-        return datasets.load_dataset("parquet", data_files=parquet, split="train")
+        # hub layout: <split>-*.parquet files or a <split>/ folder; otherwise one split of all
+        named = [f for f in parquet if Path(f).stem == split or Path(f).name.startswith(
+                 f"{split}-") or split in Path(f).relative_to(p).parts[:-1]] if p.is_dir() else []
+        return datasets.load_dataset("parquet", data_files=named or parquet, split="train")
     if not p.is_dir():
         raise ConfigError(f"config key 'data.path': {p} is not a folder or a parquet file")
     if (p / split).is_dir():  # <path>/<split>/... layouts (train/, val/, test/)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import shutil
 import signal
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
@@ -140,15 +142,21 @@ def start_tracking(acc: Accelerator, cfg: Any, run_dir: Path) -> None:
 
 
 def seed_step(seed: int, rank: int, micro_step: int) -> None:
-    """Reseed every RNG a step draws from (masks, drop path) as a pure function of its position,
-    so a resumed run repeats the uninterrupted one exactly."""
-    torch.manual_seed(sample_seed(seed, rank, micro_step, 0xC0DE))
+    """Reseed every RNG a step draws from (masks, drop path, timm's numpy-drawn mixup) as a pure
+    function of its position, so a resumed run repeats the uninterrupted one exactly."""
+    s = sample_seed(seed, rank, micro_step, 0xC0DE)
+    torch.manual_seed(s)
+    np.random.seed(s & 0xFFFFFFFF)
+    random.seed(s)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Any, lr: float, **kw: Any) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms, biases, position and class/mask tokens (timm's groups)."""
-    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.optim.weight_decay,
-                               betas=tuple(cfg.optim.betas), **kw)
+    """AdamW (or ``optim.optimizer`` where the config has one); no weight decay on norms, biases,
+    position and class/mask tokens (timm's groups); ``layer_decay=`` goes through to timm."""
+    name = getattr(cfg.optim, "optimizer", "adamw")
+    if "adam" in name:
+        kw.setdefault("betas", tuple(cfg.optim.betas))
+    return create_optimizer_v2(model, name, lr=lr, weight_decay=cfg.optim.weight_decay, **kw)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_updates: int,
@@ -308,3 +316,27 @@ def print_accounting(acc: Accelerator, rows: list[tuple[str, Any]]) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def is_finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all().item())
+
+
+def record_bad_samples(acc: Accelerator, run_dir: Path, state: LoopState, bad: list,
+                       seen: set, max_bad: int | None = None, max_fraction: float = 0.0) -> None:
+    """Count each unreadable file once and list it in data_issues.jsonl (path, error, rank);
+    more than ``max_bad`` on this process stops the run."""
+    new = [(p, err) for p, err in bad if p not in seen]
+    if not new:
+        return
+    seen.update(p for p, _ in new)
+    state.bad_samples += len(new)
+    with open(run_dir / "data_issues.jsonl", "a") as f:
+        for path, err in new:
+            f.write(json.dumps({"rank": acc.process_index, "path": path, "error": err,
+                                "step": state.step}) + "\n")
+    acc.print(f"warning: skipped unreadable image {new[0][0]} ({new[0][1]}); "
+              f"{state.bad_samples} so far, listed in data_issues.jsonl")
+    if max_bad is not None and state.bad_samples > max_bad:
+        raise RunError(f"{state.bad_samples} unreadable images, more than data.max_bad_fraction="
+                       f"{max_fraction} of the data; see {run_dir}/data_issues.jsonl")

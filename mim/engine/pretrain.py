@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,12 @@ from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, 
                                build_optimizer, build_scheduler, check_disk_space,
                                clip_gradients, count_flops, fmt_count,
                                make_accelerator, prepare_run_dir, print_accounting,
-                               resolve_resume, restore_training_state, save_training_state,
-                               seed_step, start_tracking, write_json)
+                               record_bad_samples, resolve_resume, restore_training_state,
+                               save_training_state, seed_step, start_tracking, write_json)
 from mim.engine.checkpoint import state_dict_for_save
 from mim.engine.tracking import MetricsLog
 from mim.models import build_pretrainer
-from mim.viz import reconstruction_grid, save_grid
+from mim.viz import pretrain_grid, save_grid
 
 
 def pretrain(cfg: Any) -> Path:
@@ -151,6 +150,7 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
     batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
     params = [p for p in model.parameters() if p.requires_grad]
     speed, loss_sum, n_sum = Throughput(), torch.zeros((), device=acc.device), 0
+    extra_sums: dict[str, torch.Tensor] = {}  # a model's optional PretrainOutput.metrics
     bar = tqdm(total=updates, initial=state.update_in_epoch, desc=f"epoch {state.epoch}",
                disable=not acc.is_local_main_process, leave=False, dynamic_ncols=True)
     while state.update_in_epoch < updates:
@@ -162,17 +162,23 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
             return "signal"
         scheduler.step_update(state.step)
         update_loss = torch.zeros((), device=acc.device)
+        update_metrics: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             batch = next(batches)
-            _record_bad(acc, run_dir, state, batch["bad"], guards)
+            record_bad_samples(acc, run_dir, state, batch["bad"], guards.seen_bad,
+                               guards.max_bad, guards.max_bad_fraction)
             images = batch["image"].to(acc.device, non_blocking=True)
             seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
             sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
             with sync:
                 with acc.autocast():
-                    loss = model(images).loss
+                    out = model(images)
+                    loss = out.loss
                 acc.backward(loss / accum)
             update_loss += loss.detach() / accum
+            for k, v in out.metrics.items():  # every process makes the same keys, counted or not
+                update_metrics[k] = update_metrics.get(k, 0.0) + v.detach().float() / accum
+                extra_sums.setdefault(k, torch.zeros((), device=acc.device))
             speed.add(images.shape[0] * acc.num_processes)
         grad_norm = clip_gradients(acc, params, cfg.optim.clip_grad)
         # grad_norm is the same on every process (after the all-reduce): it decides the step
@@ -181,6 +187,8 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
         if finite and loss_ok:
             loss_sum += update_loss
             n_sum += 1
+            for k, v in update_metrics.items():
+                extra_sums[k] += v
         if finite or acc.scaler is not None:  # fp16: the loss scaler skips and rescales itself
             optimizer.step()
         if not finite:
@@ -199,6 +207,9 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
                    "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"],
                    "grad_norm": float(grad_norm), "images_per_s": speed.read(),
                    "bad_samples": state.bad_samples}
+            for k, v in extra_sums.items():  # averaged like the loss: over every counted update
+                rec[k] = (acc.reduce(v, reduction="sum") / total[1].clamp_min(1)).item()
+            extra_sums.clear()
             metrics.write(rec)
             acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=state.step)
             bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{rec['lr']:.2e}")
@@ -208,24 +219,6 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
             save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
     bar.close()
     return False
-
-
-def _record_bad(acc, run_dir: Path, state: LoopState, bad: list, guards: Guards) -> None:
-    """Count each unreadable file once and list it in data_issues.jsonl (path, error, rank)."""
-    new = [(p, err) for p, err in bad if p not in guards.seen_bad]
-    if not new:
-        return
-    guards.seen_bad.update(p for p, _ in new)
-    state.bad_samples += len(new)
-    with open(run_dir / "data_issues.jsonl", "a") as f:
-        for path, err in new:
-            f.write(json.dumps({"rank": acc.process_index, "path": path, "error": err,
-                                "step": state.step}) + "\n")
-    acc.print(f"warning: skipped unreadable image {new[0][0]} ({new[0][1]}); "
-              f"{state.bad_samples} so far, listed in data_issues.jsonl")
-    if state.bad_samples > guards.max_bad:
-        raise RunError(f"{state.bad_samples} unreadable images, more than data.max_bad_fraction="
-                       f"{guards.max_bad_fraction} of the data; see {run_dir}/data_issues.jsonl")
 
 
 def _vis_batch(cfg: Any, source: Any) -> torch.Tensor:
@@ -241,12 +234,14 @@ def _vis_batch(cfg: Any, source: Any) -> torch.Tensor:
 
 def _save_vis(acc, cfg, model, images: torch.Tensor, run_dir: Path, epoch: int) -> None:
     net = acc.unwrap_model(model)
-    if not len(images) or not hasattr(net, "reconstruct"):
+    if not len(images):
         return
     net.eval()
     with acc.autocast():
-        grid = reconstruction_grid(net, images.to(acc.device), cfg.data.mean, cfg.data.std)
+        grid = pretrain_grid(net, images.to(acc.device), cfg.data.mean, cfg.data.std)
     net.train()
+    if grid is None:
+        return
     path = run_dir / f"recon_epoch{epoch:04d}.png"
     save_grid(grid, path)
     for tracker in acc.trackers:
