@@ -57,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["mae", "simmim", "maskfeat", "beit", "vq_tokenizer"] = "mae"
+    name: Literal["mae", "simmim", "maskfeat", "beit", "vq_tokenizer", "supervised"] = "mae"
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True  # mae and simmim: per-patch normalised pixel targets
     decoder_dim: int = 512  # mae decoder; also the vq_tokenizer's pixel decoder
@@ -74,6 +74,7 @@ class MethodConfig:
     codebook_size: int = 8192  # vq_tokenizer: number of codes (beit takes it from its tokenizer)
     code_dim: int = 32  # vq_tokenizer: codes are unit vectors of this size
     code_entropy_weight: float = 0.1  # vq_tokenizer: weight of the codebook-usage entropy loss
+    num_classes: int = 0  # supervised: classes of the labeled source; 0 = from its labels
 
 
 @dataclass
@@ -529,6 +530,7 @@ def _validate_method(cfg: Any) -> None:
                f"config key 'method.block_min_patches': no block of {m.block_min_patches}.."
                f"{m.block_max_patches or n} patches with aspect in {tuple(m.block_aspect)} fits "
                f"the {grid[0]}x{grid[1]} patch grid")
+    _check(m.num_classes >= 0, "config key 'method.num_classes' must be >= 0")
     if m.name == "maskfeat":
         _check(m.hog_bins >= 1, f"config key 'method.hog_bins' must be >= 1, got {m.hog_bins}")
         _check(m.hog_cell >= 1 and model.patch_size % m.hog_cell == 0,
