@@ -22,6 +22,8 @@ CONFIG_COMMANDS = {
                   "train the visual tokenizer BEiT predicts (vq_tokenizer)"),
     "finetune": ("finetune", "mim.engine.finetune:finetune",
                  "fine-tune a classifier from an encoder checkpoint (init=...)"),
+    "compare": ("compare", "mim.engine.compare:compare",
+                "fine-tune several inits x label fractions x seeds; report the differences"),
 }
 
 
