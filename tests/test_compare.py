@@ -106,7 +106,7 @@ def test_compare_config_errors(tmp_path):
 
 def test_t_interval():
     assert paired_interval([0.1]) is None
-    mean, lo, hi = paired_interval([0.1, 0.3])
+    mean, _, hi = paired_interval([0.1, 0.3])
     assert math.isclose(mean, 0.2) and math.isclose(hi - mean, 12.706 * 0.1, rel_tol=1e-6)
     stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 5, 29, 30, 31, 60, 200):
