@@ -175,7 +175,7 @@ def finetune(cfg: Any) -> Path:
     state = LoopState()
     resume_from = resolve_resume(cfg, run_dir)
     if resume_from is not None:
-        state = restore_training_state(acc, resume_from, model, optimizer, scheduler)
+        state = restore_training_state(acc, cfg, resume_from, model, optimizer)
         acc.print(f"resumed from {resume_from} at update {state.step}, epoch {state.epoch}")
     start_tracking(acc, cfg, run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
