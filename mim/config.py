@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A configuration problem found before any work starts (exit code 2)."""
 
 
+class RunError(RuntimeError):
+    """A run stopped on purpose by a guard (bad data, divergence); exit code 1, one line."""
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -53,12 +57,23 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["mae"] = "mae"
+    name: Literal["mae", "simmim", "maskfeat", "beit", "vq_tokenizer"] = "mae"
     mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    decoder_dim: int = 512
+    norm_pix_loss: bool = True  # mae and simmim: per-patch normalised pixel targets
+    decoder_dim: int = 512  # mae decoder; also the vq_tokenizer's pixel decoder
     decoder_depth: int = 8
     decoder_heads: int = 16
+    # BEiT family (simmim, maskfeat, beit): which patches the mask token replaces.
+    mask_type: Literal["random", "block"] = "random"
+    block_min_patches: int = 16  # smallest block, in patches (BEiT: 16)
+    block_max_patches: int = 0  # largest block; 0 = up to the number of patches to mask
+    block_aspect: tuple[float, float] = (0.3, 1 / 0.3)  # height / width range
+    hog_bins: int = 9  # maskfeat: orientation bins over 0-180 degrees
+    hog_cell: int = 8  # maskfeat: cell size in pixels; must divide model.patch_size
+    tokenizer: str = ""  # beit: a `mim tokenizer` run directory or its tokenizer.safetensors
+    codebook_size: int = 8192  # vq_tokenizer: number of codes (beit takes it from its tokenizer)
+    code_dim: int = 32  # vq_tokenizer: codes are unit vectors of this size
+    code_entropy_weight: float = 0.1  # vq_tokenizer: weight of the codebook-usage entropy loss
 
 
 @dataclass
@@ -68,11 +83,13 @@ class DataConfig:
     synthetic: bool = False  # the built-in procedural image set (no download)
     synthetic_size: int = 2048
     split: str = "train"
-    streaming: bool = False  # hub datasets only
+    streaming: bool = False  # read data.name as a stream (no full download)
+    num_examples: int = 0  # streaming only: examples per epoch when the dataset card lacks it
     image_column: str = ""  # empty: the first image-typed column
     label_column: str = ""  # empty: "label" or "labels" when present
     batch_size: int = 64  # per device
     num_workers: int = 4
+    max_bad_fraction: float = 0.01  # stop when more of the dataset than this is unreadable
     crop_scale: tuple[float, float] = (0.2, 1.0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -107,6 +124,8 @@ class TrainConfig:
     keep_last: int = 2
     vis_every: int = 1  # epochs between reconstruction grids; 0 = only at the end
     vis_images: int = 8
+    max_nonfinite: int = 10  # stop after this many non-finite updates in a row
+    dist_timeout_s: int = 600  # a collective waiting longer than this fails (dead peer)
 
 
 @dataclass
@@ -136,6 +155,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         _validate_common(self)
+        _validate_method(self)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -216,6 +236,8 @@ class FinetuneTrainConfig:
     keep_last: int = 1
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     best_metric: Literal["top1", "top5", "macro_f1", "loss"] = "top1"
+    max_nonfinite: int = 10  # stop after this many non-finite updates in a row
+    dist_timeout_s: int = 600  # a collective waiting longer than this fails (dead peer)
 
 
 @dataclass
@@ -456,6 +478,8 @@ def _validate_common(cfg: Any) -> None:
     _check(d.batch_size > 0, f"config key 'data.batch_size' must be positive, got {d.batch_size}")
     _check(d.num_workers >= 0, "config key 'data.num_workers' must be >= 0")
     _check(d.synthetic_size > 0, "config key 'data.synthetic_size' must be positive")
+    _check(not d.streaming or bool(d.name),
+           "config key 'data.streaming' applies to hub datasets ('data.name') only")
     lo, hi = d.crop_scale
     _check(0.0 < lo <= hi <= 1.0, f"config key 'data.crop_scale' must satisfy 0 < lo <= hi <= 1, "
                                   f"got {d.crop_scale}")
@@ -473,11 +497,69 @@ def _validate_common(cfg: Any) -> None:
     _check(t.save_every > 0, "config key 'train.save_every' must be positive")
     _check(t.keep_last > 0, "config key 'train.keep_last' must be positive")
     _check(getattr(t, "vis_every", 0) >= 0, "config key 'train.vis_every' must be >= 0")
+    _check(t.max_nonfinite > 0, "config key 'train.max_nonfinite' must be positive")
+    _check(t.dist_timeout_s > 0, "config key 'train.dist_timeout_s' must be positive")
+    _check(0.0 <= d.max_bad_fraction <= 1.0, "config key 'data.max_bad_fraction' must be in [0, 1]")
     _check(cfg.run.resume in ("auto", "none") or Path(cfg.run.resume).exists(),
            f"config key 'run.resume' must be 'auto', 'none' or an existing checkpoint, "
            f"got {cfg.run.resume!r}")
     _check(bool(cfg.run.name) and "/" not in cfg.run.name,
            f"config key 'run.name' must be a non-empty name without '/', got {cfg.run.name!r}")
+
+
+def _validate_method(cfg: Any) -> None:
+    """Method-specific checks (the BEiT family and the tokenizer)."""
+    m, model = cfg.method, cfg.model
+    grid = (model.img_size // model.patch_size,) * 2
+    if m.mask_type == "block":
+        _check(m.name in ("simmim", "maskfeat", "beit"),
+               f"config key 'method.mask_type': 'block' is for simmim, maskfeat and beit, "
+               f"not {m.name!r}")
+        _check(m.block_min_patches >= 1, "config key 'method.block_min_patches' must be >= 1")
+        _check(m.block_max_patches == 0 or m.block_max_patches >= m.block_min_patches,
+               "config key 'method.block_max_patches' must be 0 or >= 'method.block_min_patches'")
+        lo, hi = m.block_aspect
+        _check(0 < lo <= hi, f"config key 'method.block_aspect' must satisfy 0 < lo <= hi, "
+                             f"got {m.block_aspect}")
+        from mim.masking import block_shapes, num_masked_patches
+
+        n = num_masked_patches(grid[0] * grid[1], m.mask_ratio)
+        _check(bool(block_shapes(grid, m.block_min_patches, m.block_max_patches or n,
+                                 m.block_aspect)),
+               f"config key 'method.block_min_patches': no block of {m.block_min_patches}.."
+               f"{m.block_max_patches or n} patches with aspect in {tuple(m.block_aspect)} fits "
+               f"the {grid[0]}x{grid[1]} patch grid")
+    if m.name == "maskfeat":
+        _check(m.hog_bins >= 1, f"config key 'method.hog_bins' must be >= 1, got {m.hog_bins}")
+        _check(m.hog_cell >= 1 and model.patch_size % m.hog_cell == 0,
+               f"config key 'method.hog_cell' ({m.hog_cell}) must divide 'model.patch_size' "
+               f"({model.patch_size})")
+    if m.name == "vq_tokenizer":
+        _check(m.codebook_size >= 2, "config key 'method.codebook_size' must be >= 2")
+        _check(m.code_dim >= 1, "config key 'method.code_dim' must be >= 1")
+        _check(m.code_entropy_weight >= 0, "config key 'method.code_entropy_weight' must be >= 0")
+    if m.name == "vq_tokenizer":
+        _check(m.decoder_depth >= 1, "config key 'method.decoder_depth' must be >= 1")
+        _check(m.decoder_heads >= 1 and m.decoder_dim % m.decoder_heads == 0,
+               f"config key 'method.decoder_dim' ({m.decoder_dim}) must be a multiple of "
+               f"'method.decoder_heads' ({m.decoder_heads})")
+    if m.name == "beit":
+        _check(bool(m.tokenizer), "config key 'method.tokenizer' must name a tokenizer "
+                                  "(train one with `mim tokenizer --config ...`)")
+        from mim.models.tokenizer import read_tokenizer_meta
+
+        try:
+            meta = read_tokenizer_meta(m.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key 'method.tokenizer': {e}") from None
+        tm = meta["model"]
+        _check((tm["img_size"], tm["patch_size"]) == (model.img_size, model.patch_size),
+               f"config key 'method.tokenizer': the tokenizer works on {tm['img_size']} px images "
+               f"with {tm['patch_size']} px patches, the model on {model.img_size} / "
+               f"{model.patch_size}")
+        _check(tm["in_chans"] == model.in_chans,
+               f"config key 'method.tokenizer': the tokenizer takes {tm['in_chans']} channels, "
+               f"the model {model.in_chans}")
 
 
 def _validate_finetune(cfg: Any) -> None:

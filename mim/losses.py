@@ -25,6 +25,23 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the values of masked patches only (SimMIM). Shapes as above."""
+    per_patch = (pred.float() - target.float()).abs().mean(dim=-1)
+    weight = mask.to(per_patch.dtype)
+    return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def denormalize_patch_pixels(pred: torch.Tensor, images: torch.Tensor,
+                             patch_size: int) -> torch.Tensor:
+    """Map a norm-pix prediction (B, L, p*p*C) back to the input's units with each patch's own
+    mean and variance, taken from ``images`` (the inverse of ``pixel_targets(norm_pix=True)``)."""
+    raw = pixel_targets(images, patch_size, norm_pix=False)
+    mean = raw.mean(dim=-1, keepdim=True)
+    std = (raw.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+    return pred.float() * std + mean
+
+
 def softmax_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
                        alpha: torch.Tensor | None = None, label_smoothing: float = 0.0,
                        reduction: str = "mean") -> torch.Tensor:

@@ -74,3 +74,19 @@ def test_any_timm_vit_size():
         out = build_pretrainer(cfg)(torch.randn(1, 3, size, size))
         assert out.pred.shape[-1] == patch * patch * 3
     assert timm.list_models("vit_tiny_patch16_224")
+
+
+def test_flop_count_includes_attention():
+    from mim.engine.common import count_flops
+
+    cfg = _cfg("method.mask_ratio=0.75")
+    model = build_pretrainer(cfg)
+    flops = count_flops(model, torch.zeros(2, 3, 32, 32))
+    D, N, depth, Dd, L, d_depth = 32, 1 + 4, 2, 32, 1 + 16, 1
+    def block(dim, n):  # qkv + proj + mlp (4x) matmuls, plus q@k and attn@v
+        return 2 * n * (3 * dim * dim + dim * dim + 8 * dim * dim) + 2 * 2 * n * n * dim
+    patch_embed = 2 * 16 * (8 * 8 * 3) * D
+    expected = (patch_embed + depth * block(D, N) + 2 * N * D * Dd + d_depth * block(Dd, L)
+                + 2 * 16 * Dd * (8 * 8 * 3))
+    assert flops == expected
+    assert all(getattr(m, "fused_attn", True) for m in model.modules())  # restored

@@ -182,6 +182,42 @@ def build_source(cfg: DataConfig, image_size: int, seed: int = 0, split: str | N
     except FileNotFoundError as e:
         raise ConfigError(f"config key 'data.name': dataset '{cfg.name}' not found ({e})") from None
     if cfg.streaming:
-        raise ConfigError("config key 'data.streaming': streaming sources are not supported yet; "
-                          "use a map-style dataset (streaming=false)")
+        return StreamingImageSource(ds, split, cfg)
     return HFImageSource(ds, cfg.image_column, cfg.label_column)
+
+
+class StreamingImageSource:
+    """A streaming ``datasets.IterableDataset`` (large hub sets read without a full download).
+
+    The epoch length comes from the dataset card (``info.splits``) or ``data.num_examples``.
+    """
+
+    def __init__(self, ds: Any, split: str, cfg: DataConfig) -> None:
+        import datasets
+
+        n = cfg.num_examples
+        if not n and ds.info.splits and split in ds.info.splits:
+            n = ds.info.splits[split].num_examples or 0
+        if not n:
+            raise ConfigError("config key 'data.num_examples': the streaming dataset does not say "
+                              "how many examples it has; set data.num_examples")
+        features = ds.features or {}
+        self.image_column = cfg.image_column or next(
+            (k for k, f in features.items() if isinstance(f, datasets.Image)), "image")
+        self.label_column = cfg.label_column or ("label" if "label" in features else "")
+        if self.image_column in features and isinstance(features[self.image_column],
+                                                        datasets.Image):
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        self.ds, self.num_examples, self.classes = ds, int(n), None
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def decode(self, row: dict[str, Any], position: int) -> tuple[Image.Image, int | None, str]:
+        cell = row[self.image_column]
+        path = (cell.get("path") if isinstance(cell, dict) else None) or f"stream:{position}"
+        label = row[self.label_column] if self.label_column else None
+        try:
+            return decode_image(cell), label, path
+        except Exception as e:  # noqa: BLE001
+            raise UnreadableImage(path, f"{type(e).__name__}: {e}".splitlines()[0][:300]) from e

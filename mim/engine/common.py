@@ -3,9 +3,14 @@ accounting, and the checkpoint state of a training loop."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
+import shutil
+import signal
 import time
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from mim.config import ConfigError, save_config
+from mim.config import ConfigError, RunError, save_config
 from mim.data.loader import sample_seed
 from mim.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mim.engine.tracking import tracker_init_kwargs
@@ -25,12 +31,10 @@ from mim.engine.tracking import tracker_init_kwargs
 
 def make_accelerator(cfg: Any) -> Accelerator:
     backend = cfg.tracking.backend
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                      log_with=None if backend == "none" else backend,
-                      project_dir=str(cfg.run_dir))
-    if cfg.data.batch_size * acc.num_processes < acc.num_processes:
-        raise ConfigError("config key 'data.batch_size' must be at least 1 per process")
-    return acc
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
+    return Accelerator(mixed_precision=cfg.train.mixed_precision,
+                       log_with=None if backend == "none" else backend,
+                       project_dir=str(cfg.run_dir), kwargs_handlers=[timeout])
 
 
 def prepare_run_dir(acc: Accelerator, cfg: Any) -> Path:
@@ -43,9 +47,91 @@ def prepare_run_dir(acc: Accelerator, cfg: Any) -> Path:
             probe.unlink()
         except OSError as e:
             raise ConfigError(f"config key 'run.output_dir': cannot write to {run_dir} ({e})")
+        RunLock.acquire(run_dir)
         save_config(cfg, run_dir / "config.yaml")
     acc.wait_for_everyone()
     return run_dir
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run>/.lock`` held for the life of the process, so a second run
+    cannot write into a live run's directory. The kernel drops it when the process dies."""
+
+    _held: dict[str, int] = {}
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> None:
+        key = str(run_dir.resolve())
+        if key in cls._held:
+            return
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"run directory {run_dir} is in use by another live run "
+                              f"(pid {owner}); choose another 'run.name'") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        cls._held[key] = fd
+
+    @classmethod
+    def release(cls, run_dir: Path) -> None:
+        fd = cls._held.pop(str(run_dir.resolve()), None)
+        if fd is not None:
+            os.close(fd)
+
+
+def check_disk_space(path: Path, model: torch.nn.Module, keep_last: int) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints (weights + 2 AdamW moments)."""
+    need = sum(p.numel() * 4 * 3 for p in model.parameters()) * (keep_last + 1)
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise ConfigError(f"config key 'run.output_dir': {free / 2**20:.0f} MiB free at {path}, "
+                          f"checkpoints need about {need / 2**20:.0f} MiB "
+                          f"({keep_last + 1} x model + optimizer state)")
+
+
+class StopRequest:
+    """SIGTERM (how clusters preempt) and SIGINT become a flag checked between updates; every
+    process agrees on the flag, saves a checkpoint and exits (status 143) before the grace period."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def agreed(self, acc: Accelerator) -> bool:
+        flag = float(self.signum is not None)
+        if acc.num_processes > 1:
+            flag = acc.reduce(torch.tensor(flag, device=acc.device), reduction="sum").item()
+        return flag > 0
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class NonFiniteGuard:
+    """Counts non-finite updates; too many in a row stop the run, leaving the last checkpoint
+    (written before the divergence) as the one to resume from."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_row, self.total = limit, 0, 0
+
+    def update(self, finite: bool, step: int) -> None:
+        if finite:
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.limit:
+            raise RunError(f"{self.in_row} non-finite updates in a row (last at update {step}); "
+                           "stopped. Resume from the last checkpoint with a lower lr, "
+                           "optim.clip_grad.mode=norm or train.mixed_precision=bf16")
 
 
 def start_tracking(acc: Accelerator, cfg: Any, run_dir: Path) -> None:
@@ -97,13 +183,24 @@ def clip_gradients(acc: Accelerator, params: list[torch.nn.Parameter], clip: Any
 
 
 def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
-    """Forward FLOPs per image of the training forward, counted by torch's FlopCounterMode."""
+    """Forward FLOPs per image of the training forward, counted by torch's FlopCounterMode.
+
+    Fused attention kernels are switched to timm's explicit matmul path while counting: the
+    counter does not see inside the CPU SDPA kernel, and both paths do the same matmuls.
+    """
     was_training = model.training
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    for m in fused:
+        m.fused_attn = False
     model.train()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]), \
-            FlopCounterMode(display=False) as counter:
-        model(example)
-    model.train(was_training)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), \
+                FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        for m in fused:
+            m.fused_attn = True
+        model.train(was_training)
     return int(counter.get_total_flops() // example.shape[0])
 
 
@@ -158,8 +255,20 @@ def save_training_state(acc: Accelerator, cfg: Any, run_dir: Path, model: torch.
     acc.wait_for_everyone()
 
 
-def restore_training_state(acc: Accelerator, path: Path, model: torch.nn.Module,
-                           optimizer: torch.optim.Optimizer, scheduler: Any) -> LoopState:
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, as 'key: old -> new'."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def restore_training_state(acc: Accelerator, cfg: Any, path: Path, model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer) -> LoopState:
     model_state, train_state = load_checkpoint(path)
     missing, unexpected = acc.unwrap_model(model).load_state_dict(model_state, strict=False)
     missing = [k for k in missing if not k.endswith("decoder.pos_embed")]
@@ -167,7 +276,12 @@ def restore_training_state(acc: Accelerator, path: Path, model: torch.nn.Module,
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     optimizer.load_state_dict(train_state["optimizer"])
-    scheduler.load_state_dict(train_state["scheduler"])
+    # The schedule is recomputed from the current config (a pure function of the update index),
+    # so a resume that changes train.epochs follows the new schedule; say what changed.
+    changed = config_diff(train_state["config"], cfg.to_dict())
+    changed = [c for c in changed if not c.startswith(("run.resume", "train.max_steps"))]
+    if changed:
+        acc.print("note: resuming with a changed config: " + "; ".join(changed))
     if acc.scaler is not None and train_state.get("scaler"):
         acc.scaler.load_state_dict(train_state["scaler"])
     if train_state.get("num_processes") != acc.num_processes:
@@ -209,8 +323,9 @@ def is_finite(x: torch.Tensor) -> bool:
 
 
 def record_bad_samples(acc: Accelerator, run_dir: Path, state: LoopState, bad: list,
-                       seen: set) -> None:
-    """Count each unreadable file once and list it in data_issues.jsonl (path, error, rank)."""
+                       seen: set, max_bad: int | None = None, max_fraction: float = 0.0) -> None:
+    """Count each unreadable file once and list it in data_issues.jsonl (path, error, rank);
+    more than ``max_bad`` on this process stops the run."""
     new = [(p, err) for p, err in bad if p not in seen]
     if not new:
         return
@@ -222,3 +337,6 @@ def record_bad_samples(acc: Accelerator, run_dir: Path, state: LoopState, bad: l
                                 "step": state.step}) + "\n")
     acc.print(f"warning: skipped unreadable image {new[0][0]} ({new[0][1]}); "
               f"{state.bad_samples} so far, listed in data_issues.jsonl")
+    if max_bad is not None and state.bad_samples > max_bad:
+        raise RunError(f"{state.bad_samples} unreadable images, more than data.max_bad_fraction="
+                       f"{max_fraction} of the data; see {run_dir}/data_issues.jsonl")
