@@ -23,6 +23,8 @@ CONFIG_COMMANDS = {
                   "train the visual tokenizer BEiT predicts (vq_tokenizer)"),
     "finetune": ("finetune", "mim.engine.finetune:finetune",
                  "fine-tune a classifier, or a detector (task: detect), from an encoder (init=...)"),
+    "compare": ("compare", "mim.engine.compare:compare",
+                "fine-tune several inits x label fractions x seeds; report the differences"),
 }
 # tasks of `mim finetune` other than classification: task -> (config schema, engine)
 FINETUNE_TASKS = {"detect": ("detect", "mim.engine.detect:detect")}

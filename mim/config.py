@@ -57,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["mae", "simmim", "maskfeat", "beit", "vq_tokenizer"] = "mae"
+    name: Literal["mae", "simmim", "maskfeat", "beit", "vq_tokenizer", "supervised"] = "mae"
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True  # mae and simmim: per-patch normalised pixel targets
     decoder_dim: int = 512  # mae decoder; also the vq_tokenizer's pixel decoder
@@ -74,6 +74,7 @@ class MethodConfig:
     codebook_size: int = 8192  # vq_tokenizer: number of codes (beit takes it from its tokenizer)
     code_dim: int = 32  # vq_tokenizer: codes are unit vectors of this size
     code_entropy_weight: float = 0.1  # vq_tokenizer: weight of the codebook-usage entropy loss
+    num_classes: int = 0  # supervised: classes of the labeled source; 0 = from its labels
 
 
 @dataclass
@@ -267,6 +268,69 @@ class FinetuneConfig:
         _validate_finetune(self)
 
 
+# ----------------------------------------------------------------------------- comparison
+
+
+@dataclass
+class CompareRunConfig:
+    name: str = "compare"
+    output_dir: str = "runs"
+
+
+@dataclass
+class CompareConfig:
+    """``mim compare``: every init x label fraction x seed fine-tuned with one recipe."""
+
+    run: CompareRunConfig = field(default_factory=CompareRunConfig)
+    # name -> init, as the fine-tune key 'init' takes it: scratch | a run dir | file | timm:<name>
+    inits: dict[str, str] = field(default_factory=dict)
+    init_files: dict[str, str] = field(default_factory=dict)  # name -> local file for timm:<name>
+    finetune: str = ""  # the downstream fine-tune config file (classification)
+    overrides: list[str] = field(default_factory=list)  # key=value over it, for every cell
+    label_fractions: list[float] = field(default_factory=lambda: [1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    metric: Literal["top1", "top5", "macro_f1", "loss"] = "top1"
+    score: Literal["final", "best"] = "final"  # best = the best epoch on validation (optimistic)
+    allow_resample: bool = False  # accept inits whose pos/patch embeddings need resampling
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def validate(self) -> None:
+        _check(bool(self.run.name) and "/" not in self.run.name,
+               f"config key 'run.name' must be a non-empty name without '/', got {self.run.name!r}")
+        _check(bool(self.inits), "config key 'inits' must name at least one init (name: init)")
+        for name, init in self.inits.items():
+            _check(bool(name) and all(c.isalnum() or c in "-_." for c in name),
+                   f"config key 'inits.{name}': init names may hold letters, digits, '-_.' only")
+            _check(init == "scratch" or init.startswith("timm:") or Path(init).exists(),
+                   f"config key 'inits.{name}' must be 'scratch', 'timm:<name>' or an existing "
+                   f"path, got {init!r}")
+        for name, f in self.init_files.items():
+            _check(self.inits.get(name, "").startswith("timm:"),
+                   f"config key 'init_files.{name}' goes with a timm:<name> init only")
+            _check(Path(f).is_file(), f"config key 'init_files.{name}': no such file: {f}")
+        _check(bool(self.finetune) and Path(self.finetune).is_file(),
+               f"config key 'finetune' must name a fine-tune config file, got {self.finetune!r}")
+        _check(bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions),
+               f"config key 'label_fractions' must be values in (0, 1], got {self.label_fractions}")
+        _check(len(set(self.label_fractions)) == len(self.label_fractions),
+               "config key 'label_fractions' holds a value twice")
+        _check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
+               f"config key 'seeds' must be distinct seeds, got {self.seeds}")
+        for item in self.overrides:
+            key = item.partition("=")[0].strip()
+            _check("=" in item and bool(key), f"config key 'overrides': '{item}' is not key=value")
+            _check(key not in ("init", "init_file", "data.label_fraction", "run.seed", "run.name",
+                               "run.output_dir", "run.resume"),
+                   f"config key 'overrides': '{key}' is set by the comparison for every cell")
+
+
 # ----------------------------------------------------------------------------- detection
 
 
@@ -375,7 +439,7 @@ class DetectConfig:
 
 
 SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig,
-                             "detect": DetectConfig}
+                            "compare": CompareConfig, "detect": DetectConfig}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -529,6 +593,12 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise bad
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {_coerce(k, kt, f"{key}.{k}"): _coerce(v, vt, f"{key}.{k}")
+                for k, v in value.items()}
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
@@ -637,6 +707,7 @@ def _validate_method(cfg: Any) -> None:
                f"config key 'method.block_min_patches': no block of {m.block_min_patches}.."
                f"{m.block_max_patches or n} patches with aspect in {tuple(m.block_aspect)} fits "
                f"the {grid[0]}x{grid[1]} patch grid")
+    _check(m.num_classes >= 0, "config key 'method.num_classes' must be >= 0")
     if m.name == "maskfeat":
         _check(m.hog_bins >= 1, f"config key 'method.hog_bins' must be >= 1, got {m.hog_bins}")
         _check(m.hog_cell >= 1 and model.patch_size % m.hog_cell == 0,
