@@ -1,15 +1,20 @@
 """End-to-end detection fine-tuning of a tiny ViT detector on the synthetic set, on CPU."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 
 from mim.cli import main
 from mim.config import ConfigError, load_config
 from mim.engine.detect import detect
 from mim.engine.tracking import read_metrics
 from mim.metrics.detection import METRIC_KEYS
+from tests.conftest import REPO
 
 TINY = ["task=detect", "model.arch=vit_tiny_patch16_224", "model.img_size=64", "model.patch_size=8",
         "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pyramid_dim=32",
@@ -107,12 +112,6 @@ def test_interrupted_run_resumes_to_the_same_losses_and_metrics(tmp_path):
 
 
 def test_two_processes_train_and_evaluate_exactly(tmp_path, capsys):
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
     over = TINY + [f"run.output_dir={tmp_path}", "run.name=ddp", "data.synthetic_size=32",
                    "data.batch_size=8", "train.epochs=1", "eval.vis_images=2",
                    "eval.score_thresh=0"]  # an untrained model scores ~0.01 (the prior)
@@ -135,3 +134,15 @@ def test_two_processes_train_and_evaluate_exactly(tmp_path, capsys):
     assert main(["evaluate", "--run", str(tmp_path / "ddp")]) == 0
     one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert two == one == {k: summary[k] for k in METRIC_KEYS}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/detect").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_detection_configs_validate(path):
+    from mim.cli import finetune_task
+
+    raw = yaml.safe_load(path.read_text())
+    assert finetune_task(str(path), []) == "detect"
+    over = [] if (raw.get("data") or {}).get("synthetic") else \
+        ["data.synthetic=true", "data.path=", "data.name="]
+    load_config(path, over, job="detect")

@@ -108,7 +108,7 @@ class SimpleFeaturePyramid(nn.Module):
                     layers.append(nn.ConvTranspose2d(dim, dim // 2, 2, stride=2))
                     dim //= 2
             elif s < 1:
-                k = int(round(1 / s))
+                k = round(1 / s)
                 layers.append(nn.MaxPool2d(k, stride=k))
             self.resample.append(nn.Sequential(*layers))
             self.project.append(nn.Sequential(
