@@ -22,7 +22,8 @@ CONFIG_COMMANDS = {
     "tokenizer": ("pretrain", "mim.engine.tokenizer:train_tokenizer",
                   "train the visual tokenizer BEiT predicts (vq_tokenizer)"),
     "finetune": ("finetune", "mim.engine.finetune:finetune",
-                 "fine-tune a classifier, or a detector (task: detect), from an encoder (init=...)"),
+                 "fine-tune a classifier, or a detector (task: detect), from an encoder "
+                 "(init=...)"),
     "compare": ("compare", "mim.engine.compare:compare",
                 "fine-tune several inits x label fractions x seeds; report the differences"),
 }

@@ -415,7 +415,7 @@ class DetectTrainConfig:
 @dataclass
 class DetectConfig:
     task: Literal["detect"] = "detect"  # marks the file as a detection config
-    init: str = "scratch"  # as fine-tuning: scratch | mim run | .safetensors | MAE/BEiT .pth | timm:<name>
+    init: str = "scratch"  # as fine-tuning: scratch | run | file | MAE/BEiT .pth | timm:<name>
     init_file: str = ""  # timm:<name> weights from a local file instead of a download
     run: RunConfig = field(default_factory=RunConfig)
     model: DetectModelConfig = field(default_factory=DetectModelConfig)

@@ -131,7 +131,8 @@ def test_coco_source_keeps_ids_crowd_and_empty_images(tmp_path):
     img, ann, _ = src.load(0)
     assert img.size == (60, 40) and ann.image_id == 1
     assert ann.labels.tolist() == [1, 0] and ann.iscrowd.tolist() == [False, True]
-    assert ann.boxes.tolist() == [[1, 2, 11, 12], [20, 5, 50, 35]] and ann.area.tolist() == [70, 800]
+    assert ann.boxes.tolist() == [[1, 2, 11, 12], [20, 5, 50, 35]]
+    assert ann.area.tolist() == [70, 800]
     assert len(src.annotations(1).boxes) == 0 and len(src.issues) == 1  # degenerate dropped
     assert len(src.annotations(2).boxes) == 0
     gt = coco_ground_truth(src)

@@ -45,7 +45,7 @@ class DetectionData:
     classes: list[str]
     category_ids: list[int]
     ground_truth: dict[str, Any]  # the validation split as COCO instances
-    issues: list[str]  # degenerate boxes and unreadable label lines, dropped
+    val_issues: list[str]  # validation boxes/label lines dropped (degenerate, malformed)
 
 
 def _val_loader(cfg: Any, source: Any, rank: int, world: int, size_div: int) -> EpochLoader:
@@ -72,7 +72,7 @@ def build_detection_data(cfg: Any, rank: int, world: int, size_div: int) -> Dete
         seed=cfg.run.seed, size_divisibility=size_div, pin_memory=torch.cuda.is_available())
     gt = coco_ground_truth(val)
     return DetectionData(train_loader, _val_loader(cfg, val, rank, world, size_div),
-                         train.classes, train.category_ids, gt, train.issues + val.issues)
+                         train.classes, train.category_ids, gt, list(val.issues))
 
 
 def _num_classes(cfg: Any, classes: list[str]) -> int:
@@ -120,7 +120,7 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
         ("model", f"{m.arch}, max side {m.img_size} px, patch {m.patch_size}, pyramid strides "
                   f"{model.strides}, {model.head.classification_head.num_anchors} anchors/pos"),
         ("train images", len(data.train.dataset)), ("val images", len(data.val.dataset)),
-        ("classes", f"{model.num_classes}"), ("data issues", len(data.issues)),
+        ("classes", f"{model.num_classes}"), ("val box issues", len(data.val_issues)),
         ("per-device batch", d.batch_size), ("devices", f"{acc.num_processes} ({acc.device.type})"),
         ("global batch", global_batch), ("updates / epoch", updates_per_epoch),
         ("total updates", total_updates),
@@ -134,7 +134,7 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
     ])
     for line in init_report.lines():
         acc.print(line)
-    for issue in data.issues[:5]:
+    for issue in data.val_issues[:5]:
         acc.print(f"  data issue: {issue}")
     model, optimizer = acc.prepare(model, optimizer)
     state = LoopState()
@@ -185,7 +185,7 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
             "per_class_ap": last_eval.get("per_class_ap", {}), "updates": state.step,
             "epochs": state.epoch, "images_seen": state.images_seen,
             "bad_samples": state.bad_samples, "nonfinite_updates": guards.nonfinite.total,
-            "data_issues": len(data.issues), "pr_score_thresh": cfg.eval.pr_score_thresh,
+            "val_box_issues": len(data.val_issues), "pr_score_thresh": cfg.eval.pr_score_thresh,
             **meta})
         acc.print(f"done: {state.step} updates, mAP {last_eval.get('map', 0):.4f}, mAP@0.5 "
                   f"{last_eval.get('map_50', 0):.4f}. Results in {run_dir}/ (summary.json, "

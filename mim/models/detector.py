@@ -215,7 +215,8 @@ class DenseDetector(nn.Module):
         labels, boxes = [], []
         for b, t in enumerate(targets):
             crowd = t["iscrowd"].to(anchors.device)
-            gt, gt_labels = t["boxes"].to(anchors.device)[~crowd], t["labels"].to(anchors.device)[~crowd]
+            all_boxes = t["boxes"].to(anchors.device)
+            gt, gt_labels = all_boxes[~crowd], t["labels"].to(anchors.device)[~crowd]
             lab = torch.full((len(anchors),), self.BACKGROUND, dtype=torch.long,
                              device=anchors.device)
             matched = torch.zeros_like(anchors)
@@ -226,7 +227,7 @@ class DenseDetector(nn.Module):
                 lab[idx == det_utils.Matcher.BETWEEN_THRESHOLDS] = self.IGNORE
                 matched[fg] = gt[idx[fg]]
             if crowd.any():
-                near_crowd = box_iou(t["boxes"].to(anchors.device)[crowd], anchors).amax(0)
+                near_crowd = box_iou(all_boxes[crowd], anchors).amax(0)
                 lab[(near_crowd >= self.matcher.low_threshold) & (lab < 0)] = self.IGNORE
             lab[~out.anchor_valid[b]] = self.IGNORE
             labels.append(lab)
