@@ -19,10 +19,18 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", "-c", help="YAML config (deltas over the defaults)")
     pre.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     pre.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sub.add_parser("benchmark", add_help=False,
+                   help="training-step, input-pipeline and scaling benchmarks against references "
+                        "(mim benchmark --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["benchmark"]:  # its own parser (mim/bench/__init__.py)
+        from mim.bench import main as benchmark
+
+        return benchmark(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "pretrain":

@@ -7,6 +7,10 @@ Two choices make a run resumable to the exact loss sequence and independent of w
   by ``(seed, e, i)``, never from a worker's global state.
 A sample that cannot be decoded is replaced by another one and reported (path and error) in the
 batch's ``bad`` list, so the engine can count and log it.
+
+The sampler yields ``(epoch, index)`` pairs, so the epoch travels with every index to the worker
+that loads it: workers can persist across epochs (no respawn, no re-import) and still draw each
+epoch's augmentation.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """A decoded, augmented sample. An unreadable one is replaced by a deterministic stand-in
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """A decoded, augmented sample; ``key`` is ``(epoch, index)`` or an index (of the epoch
+        last set on ``self.epoch``). An unreadable sample is replaced by a deterministic stand-in
         (so every batch keeps its size and every process its step count) and reported in 'bad'."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         bad = []
         n = len(self.source)
         for attempt in range(16):
@@ -48,7 +54,7 @@ class TransformedDataset(Dataset):
             try:
                 img, label, path = self.source.load(i)
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+                    torch.manual_seed(sample_seed(self.seed, epoch, i))
                     x = self.transform(img)
             except Exception as e:  # noqa: BLE001 - a broken file is a data issue, not a crash
                 bad.append((str(path), f"{type(e).__name__}: {e}".splitlines()[0][:300]))
@@ -67,8 +73,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-class ShardedEpochSampler(Sampler[int]):
-    """This process's share of a seeded epoch permutation, from batch ``start_batch`` on.
+class ShardedEpochSampler(Sampler[tuple[int, int]]):
+    """This process's share of a seeded epoch permutation, from batch ``start_batch`` on, as
+    ``(epoch, index)`` pairs.
 
     With ``drop_last`` every process gets exactly ``len(dataset) // (W * B)`` batches, so all
     processes make the same number of steps.
@@ -100,7 +107,7 @@ class ShardedEpochSampler(Sampler[int]):
         return mine[self.start_batch * self.bs :]
 
     def __iter__(self):
-        return iter(self._indices())
+        return iter([(self.epoch, i) for i in self._indices()])
 
     def __len__(self) -> int:
         return len(self._indices())
@@ -131,6 +138,6 @@ def build_epoch_loader(source: Any, transform: Callable, *, batch_size: int, num
     sampler = ShardedEpochSampler(len(ds), batch_size, rank, world_size, seed, shuffle, drop_last)
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate, pin_memory=pin_memory, drop_last=False,
-                        persistent_workers=False,
+                        persistent_workers=num_workers > 0,
                         prefetch_factor=4 if num_workers > 0 else None)
     return EpochLoader(ds, sampler, loader)

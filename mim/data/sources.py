@@ -16,12 +16,14 @@ from PIL import Image, ImageOps
 from mim.config import ConfigError, DataConfig
 from mim.data.synthetic import SyntheticShapes
 
+_EXIF_ORIENTATION = 0x0112
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """EXIF-rotate, then make RGB: grayscale/CMYK/palette/16-bit/RGBA (on black) all become RGB."""
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+        img = ImageOps.exif_transpose(img)
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -37,8 +39,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(value: Any) -> Image.Image:
-    """Decode an image cell of a ``datasets`` table (``Image(decode=False)`` dict, path, PIL)."""
+def reduced_decode(img: Image.Image, min_side: int, min_area: int) -> None:
+    """Ask the JPEG decoder for a 1/2, 1/4 or 1/8 scale image (PIL ``draft``, decoded in the DCT
+    domain, several times faster) when that still has at least ``min_side`` pixels on its short
+    side and ``min_area`` pixels in all. A no-op for other formats and for small images."""
+    if img.format != "JPEG" or min_side <= 0:
+        return
+    w, h = img.size
+    for s in (8, 4, 2):
+        rw, rh = -(-w // s), -(-h // s)
+        if min(rw, rh) >= min_side and rw * rh >= min_area:
+            img.draft(None, (w // s, h // s))
+            return
+
+
+def decode_image(value: Any, min_side: int = 0, min_area: int = 0) -> Image.Image:
+    """Decode an image cell of a ``datasets`` table (``Image(decode=False)`` dict, path, PIL).
+
+    ``min_side``/``min_area`` > 0 allow a reduced-size JPEG decode (:func:`reduced_decode`)."""
     if isinstance(value, Image.Image):
         img = value
     elif isinstance(value, dict):
@@ -52,6 +70,7 @@ def decode_image(value: Any) -> Image.Image:
         img = Image.open(value)
     else:
         raise ValueError(f"cannot decode an image from {type(value).__name__}")
+    reduced_decode(img, min_side, min_area)
     img.load()
     return to_rgb(img)
 
@@ -59,9 +78,11 @@ def decode_image(value: Any) -> Image.Image:
 class HFImageSource:
     """A map-style ``datasets.Dataset`` with an image column (and maybe a label column)."""
 
-    def __init__(self, ds: Any, image_column: str = "", label_column: str = "") -> None:
+    def __init__(self, ds: Any, image_column: str = "", label_column: str = "",
+                 min_decode: tuple[int, int] = (0, 0)) -> None:
         import datasets
 
+        self.min_decode = min_decode  # (short side, area) a reduced JPEG decode must keep
         self.image_column = image_column or _find_image_column(ds)
         if self.image_column not in ds.column_names:
             raise ConfigError(f"config key 'data.image_column': no column '{self.image_column}' "
@@ -87,7 +108,7 @@ class HFImageSource:
         cell = row[self.image_column]
         path = cell.get("path") if isinstance(cell, dict) else str(cell)
         label = row[self.label_column] if self.label_column else None
-        return decode_image(cell), label, path or f"row:{index}"
+        return decode_image(cell, *self.min_decode), label, path or f"row:{index}"
 
 
 def _find_image_column(ds: Any) -> str:
@@ -145,15 +166,25 @@ def load_local(path: str, split: str) -> Any:
     return datasets.Dataset.from_dict(table, features=datasets.Features(features))
 
 
+def min_decode_size(image_size: int, min_crop_scale: float) -> tuple[int, int]:
+    """(short side, area) a decoded image needs so that every crop RandomResizedCrop can draw
+    (area fraction >= ``min_crop_scale``, aspect ratio within 3/4..4/3) still has at least
+    ``image_size`` pixels on each side: a reduced-size decode then never upsamples a crop that
+    the full-size decode would not have."""
+    return image_size, int(image_size * image_size / (min_crop_scale * 0.75)) + 1
+
+
 def build_source(cfg: DataConfig, image_size: int, seed: int = 0, split: str | None = None):
     """The image source the config names, for ``split`` (default ``cfg.split``)."""
     split = split or cfg.split
+    min_decode = min_decode_size(image_size, cfg.crop_scale[0]) if cfg.reduced_decode else (0, 0)
     if cfg.synthetic:
         n = cfg.synthetic_size if split == cfg.split else max(cfg.synthetic_size // 4, 64)
         # Other splits draw from a disjoint seed so train and validation never share images.
         return SyntheticShapes(n, image_size, seed=seed if split == cfg.split else seed + 10_000)
     if cfg.path:
-        return HFImageSource(load_local(cfg.path, split), cfg.image_column, cfg.label_column)
+        return HFImageSource(load_local(cfg.path, split), cfg.image_column, cfg.label_column,
+                             min_decode)
     import datasets
 
     try:
@@ -163,4 +194,4 @@ def build_source(cfg: DataConfig, image_size: int, seed: int = 0, split: str | N
     if cfg.streaming:
         raise ConfigError("config key 'data.streaming': streaming sources are not supported yet; "
                           "use a map-style dataset (streaming=false)")
-    return HFImageSource(ds, cfg.image_column, cfg.label_column)
+    return HFImageSource(ds, cfg.image_column, cfg.label_column, min_decode)

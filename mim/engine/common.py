@@ -60,9 +60,40 @@ def seed_step(seed: int, rank: int, micro_step: int) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Any, lr: float, **kw: Any) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms, biases, position and class/mask tokens (timm's groups)."""
+    """AdamW; no weight decay on norms, biases, position and class/mask tokens (timm's groups).
+
+    The fused kernel (one pass over all parameters; on CPU 5-10x faster than the per-tensor or
+    foreach ones, see docs/benchmarks.md) on CUDA and CPU, foreach elsewhere, unless ``kw``
+    chooses. A fused optimizer can skip a step on the device (:func:`step_if_finite`)."""
+    device = next(model.parameters()).device.type
+    if "fused" not in kw and "foreach" not in kw:
+        kw["fused" if device in ("cuda", "cpu") else "foreach"] = True
     return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.optim.weight_decay,
                                betas=tuple(cfg.optim.betas), **kw)
+
+
+def apply_speed_options(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
+    """``train.grad_checkpointing`` and ``train.compile``, applied in place once after the model is
+    built, so parameter names, state dicts and checkpoints do not change.
+
+    Compilation is regional: every transformer block is compiled on its own (blocks of one stack
+    share the compiled code), which compiles in a fraction of the whole-model time, composes with
+    activation checkpointing, and keeps the mask draws in eager mode, so the losses match
+    ``train.compile=false`` up to float rounding."""
+    if cfg.train.grad_checkpointing:
+        for part in model.modules():
+            if part is not model and hasattr(part, "set_grad_checkpointing"):
+                part.set_grad_checkpointing(True)
+    if cfg.train.compile:
+        for block in transformer_blocks(model):
+            block.compile()
+    return model
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every module held in a ``blocks`` container (timm ViT blocks, MAE decoder blocks)."""
+    return [b for name, m in model.named_modules() if name.split(".")[-1] == "blocks"
+            for b in m.children()]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_updates: int,
@@ -170,21 +201,30 @@ def restore_training_state(acc: Accelerator, path: Path, model: torch.nn.Module,
 
 
 class Throughput:
-    """Images per second over a logging window (host clock; synchronises CUDA when read)."""
+    """Images per second and the fraction of wall time spent waiting for the data loader, over a
+    logging window (host clock; synchronises CUDA when read)."""
 
     def __init__(self) -> None:
-        self.t0, self.images = time.perf_counter(), 0
+        self.t0, self.images, self.waited = time.perf_counter(), 0, 0.0
 
     def add(self, n: int) -> None:
         self.images += n
 
-    def read(self) -> float:
+    def wait_for(self, batches: Any) -> Any:
+        """``next(batches)``, timed."""
+        t = time.perf_counter()
+        batch = next(batches)
+        self.waited += time.perf_counter() - t
+        return batch
+
+    def read(self) -> dict[str, float]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - self.t0
-        rate = self.images / dt if dt > 0 else 0.0
-        self.t0, self.images = time.perf_counter(), 0
-        return rate
+        rates = {"images_per_s": self.images / dt if dt > 0 else 0.0,
+                 "data_wait": self.waited / dt if dt > 0 else 0.0}
+        self.t0, self.images, self.waited = time.perf_counter(), 0, 0.0
+        return rates
 
 
 def print_accounting(acc: Accelerator, rows: list[tuple[str, Any]]) -> None:
@@ -198,3 +238,23 @@ def write_json(path: Path, obj: Any) -> None:
 
 def is_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all().item())
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
+    """``optimizer.step()`` unless ``grad_norm`` is inf/nan; returns 1 if skipped, else 0, as a
+    tensor on the gradients' device.
+
+    A fused torch optimizer takes the decision on the device (its ``found_inf`` input, the one
+    ``GradScaler`` uses, also undoes the step count), so the step needs no host synchronisation;
+    others (and fp16, whose GradScaler owns that input) read the flag on the host."""
+    nonfinite = (~torch.isfinite(grad_norm)).to(torch.float32).reshape(())
+    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    if inner.defaults.get("fused") and getattr(optimizer, "scaler", None) is None:
+        inner.found_inf = nonfinite
+        try:
+            optimizer.step()
+        finally:
+            inner.__dict__.pop("found_inf", None)
+    elif not nonfinite.item():
+        optimizer.step()
+    return nonfinite

@@ -14,11 +14,11 @@ from tqdm.auto import tqdm
 
 from mim.config import ConfigError
 from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_transform
-from mim.engine.common import (LoopState, Throughput, build_optimizer, build_scheduler,
-                               clip_gradients, count_flops, fmt_count, is_finite,
+from mim.engine.common import (LoopState, Throughput, apply_speed_options, build_optimizer,
+                               build_scheduler, clip_gradients, count_flops, fmt_count,
                                make_accelerator, prepare_run_dir, print_accounting,
                                resolve_resume, restore_training_state, save_training_state,
-                               seed_step, start_tracking, write_json)
+                               seed_step, start_tracking, step_if_finite, write_json)
 from mim.engine.checkpoint import state_dict_for_save
 from mim.engine.tracking import MetricsLog
 from mim.models import build_pretrainer
@@ -48,6 +48,7 @@ def pretrain(cfg: Any) -> Path:
     lr = cfg.optim.lr or cfg.optim.base_lr * global_batch / 256
     flops = count_flops(model, torch.zeros(2, cfg.model.in_chans, cfg.model.img_size,
                                            cfg.model.img_size))
+    model = apply_speed_options(model.to(acc.device), cfg)
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, total_updates, updates_per_epoch)
     enc_params = sum(p.numel() for p in model.encoder.parameters())
@@ -111,15 +112,17 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
     batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
     params = [p for p in model.parameters() if p.requires_grad]
     speed, loss_sum, n_sum = Throughput(), torch.zeros((), device=acc.device), 0
+    skipped = torch.zeros((), device=acc.device)
     bar = tqdm(total=updates, initial=state.update_in_epoch, desc=f"epoch {state.epoch}",
                disable=not acc.is_local_main_process, leave=False, dynamic_ncols=True)
     while state.update_in_epoch < updates:
         if t.max_steps and state.step >= t.max_steps:
+            _count_skipped(acc, state, skipped)
             bar.close()
             return True
         scheduler.step_update(state.step)
         for micro in range(accum):
-            batch = next(batches)
+            batch = speed.wait_for(batches)
             _record_bad(acc, run_dir, state, batch["bad"])
             images = batch["image"].to(acc.device, non_blocking=True)
             seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
@@ -132,21 +135,18 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
             n_sum += 1
             speed.add(images.shape[0] * acc.num_processes)
         grad_norm = clip_gradients(acc, params, cfg.optim.clip_grad)
-        if is_finite(grad_norm):
-            optimizer.step()
-        else:
-            state.extra["skipped_nonfinite"] = state.extra.get("skipped_nonfinite", 0) + 1
-            acc.print(f"warning: non-finite gradient at update {state.step}; update skipped")
+        skipped += step_if_finite(optimizer, grad_norm)  # read at the next log: no sync here
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.update_in_epoch += 1
         state.images_seen += meta["global_batch"]
         bar.update(1)
         if state.step % t.log_every == 0 or state.update_in_epoch == updates:
+            _count_skipped(acc, state, skipped)
             loss_avg = acc.reduce(loss_sum / max(n_sum, 1), reduction="mean").item()
             rec = {"step": state.step, "epoch": state.epoch + state.update_in_epoch / updates,
                    "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"],
-                   "grad_norm": float(grad_norm), "images_per_s": speed.read(),
+                   "grad_norm": float(grad_norm), **speed.read(),
                    "bad_samples": state.bad_samples}
             metrics.write(rec)
             acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=state.step)
@@ -154,9 +154,20 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
             loss_sum.zero_()
             n_sum = 0
         if state.step % t.save_every == 0:
+            _count_skipped(acc, state, skipped)
             save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
     bar.close()
     return False
+
+
+def _count_skipped(acc, state: LoopState, skipped: torch.Tensor) -> None:
+    """Move the on-device count of skipped (non-finite) updates into the loop state and warn."""
+    n = int(skipped.item())
+    if n:
+        state.extra["skipped_nonfinite"] = state.extra.get("skipped_nonfinite", 0) + n
+        acc.print(f"warning: non-finite gradient in {n} update(s) up to update {state.step}; "
+                  "those updates were skipped")
+        skipped.zero_()
 
 
 def _record_bad(acc, run_dir: Path, state: LoopState, bad: list) -> None:

@@ -1,0 +1,123 @@
+"""The input pipeline alone (decode + MAE augmentation, images/s per worker) against torchvision's
+``ImageFolder`` with the same transforms, and the share of a real run's time spent waiting for data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mim.bench.measure import time_interleaved
+from mim.data.loader import TransformedDataset
+from mim.data.sources import HFImageSource, load_local, min_decode_size
+from mim.data.synthetic import synthetic_image
+from mim.data.transforms import pretrain_transform
+
+
+def make_jpeg_folder(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """``count`` JPEGs (quality 90) of ``size`` (width, height) in ``root/images/``: a synthetic
+    scene plus sensor-like noise, so files are about as large as photos of that size (a smooth
+    image would decode unrealistically fast)."""
+    folder = root / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        path = folder / f"{i:05d}.jpg"
+        if path.exists():
+            continue
+        img, _ = synthetic_image(i, max(w, h), seed)
+        arr = np.asarray(img.resize((w, h)), dtype=np.float32)
+        arr += rng.normal(0.0, 10.0, size=arr.shape)
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return root
+
+
+@dataclass
+class PipelineRow:
+    name: str
+    images_per_s: float
+    ratio_to_imagefolder: float
+
+
+def pipeline_contenders(root: Path, img_size: int, crop_scale: tuple[float, float],
+                        mean, std, seed: int = 0) -> tuple[dict[str, Callable[[int], Any]], int]:
+    """Per-sample loaders over the same files: torchvision ImageFolder, mim's folder source
+    (reduced-size JPEG decode on, and off) and mim's in-memory source (the encoded bytes held in a
+    ``datasets`` table, as a hub dataset is)."""
+    import datasets
+    from torchvision.datasets import ImageFolder
+
+    tf = pretrain_transform(img_size, crop_scale, mean, std)
+    min_decode = min_decode_size(img_size, crop_scale[0])
+    folder = load_local(str(root), "train")
+    files = folder["image"]
+    table = datasets.Dataset.from_dict(
+        {"image": [{"bytes": Path(f["path"]).read_bytes(), "path": None} for f in files]},
+        features=datasets.Features({"image": datasets.Image(decode=False)}))
+    ours = TransformedDataset(HFImageSource(folder, min_decode=min_decode), tf, seed)
+    ours_full = TransformedDataset(HFImageSource(folder), tf, seed)
+    ours_mem = TransformedDataset(HFImageSource(table, min_decode=min_decode), tf, seed)
+    tv = ImageFolder(str(root), transform=tf)
+    return {
+        "torchvision ImageFolder": lambda i: tv[i][0],
+        "mim folder": lambda i: ours[(0, i)]["image"],
+        "mim folder, full-size decode": lambda i: ours_full[(0, i)]["image"],
+        "mim in-memory": lambda i: ours_mem[(0, i)]["image"],
+    }, len(files)
+
+
+def bench_pipeline(root: Path, img_size: int, crop_scale: tuple[float, float], mean, std,
+                   rounds: int = 5, budget_s: float = 60.0) -> list[PipelineRow]:
+    """Images/s of one worker (one process, one thread, as a DataLoader worker runs) for each
+    loader, interleaved over rounds of one pass through the folder each."""
+    loaders, n = pipeline_contenders(root, img_size, crop_scale, mean, std)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        calls = {name: (lambda f=f: [f(i) for i in range(n)]) for name, f in loaders.items()}
+        t = time_interleaved(calls, torch.device("cpu"), warmup=1, rounds=rounds,
+                             budget_s=budget_s)
+    finally:
+        torch.set_num_threads(threads)
+    base = "torchvision ImageFolder"
+    return [PipelineRow(name, n / t.median(name), t.ratio(base, name)) for name in loaders]
+
+
+@dataclass
+class RealRun:
+    images_per_s: float
+    data_wait: float  # share of wall time the loop waited on the loader
+    windows: int
+
+
+def real_run_data_wait(cfg: Any, data_path: Path, steps: int, log_every: int,
+                       workdir: Path) -> RealRun:
+    """A short real ``mim pretrain`` on ``data_path``; reads metrics.jsonl and averages the
+    logging windows after the first (which holds worker start-up and warm-up)."""
+    from mim.config import config_from_dict
+    from mim.engine.pretrain import pretrain
+
+    d = cfg.to_dict()
+    d["data"].update(path=str(data_path), synthetic=False, name="")
+    d["run"].update(output_dir=str(workdir), name="data-wait", resume="none")
+    d["train"].update(max_steps=steps, log_every=log_every, save_every=10 ** 9, vis_every=0,
+                      epochs=1000)
+    d["tracking"]["backend"] = "none"
+    run_cfg = config_from_dict(d)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_dir = pretrain(run_cfg)
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    later = recs[1:] or recs
+    return RealRun(images_per_s=sum(r["images_per_s"] for r in later) / len(later),
+                   data_wait=sum(r["data_wait"] for r in later) / len(later), windows=len(later))
