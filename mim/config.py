@@ -284,6 +284,11 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
     if t is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise bad
     if t is str:
         if isinstance(value, str):

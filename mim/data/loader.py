@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mim.data.sources import UnreadableImage
+
 
 def sample_seed(*parts: int) -> int:
     """A 63-bit seed mixed from integers (SplitMix64-style), stable across runs and platforms."""
@@ -50,14 +52,13 @@ class TransformedDataset(Dataset):
         n = len(self.source)
         for attempt in range(16):
             i = (index + attempt * 7919) % n
-            path = f"index:{i}"
             try:
                 img, label, path = self.source.load(i)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(sample_seed(self.seed, epoch, i))
                     x = self.transform(img)
-            except Exception as e:  # noqa: BLE001 - a broken file is a data issue, not a crash
-                bad.append((str(path), f"{type(e).__name__}: {e}".splitlines()[0][:300]))
+            except UnreadableImage as e:
+                bad.append((e.path, e.reason))
                 continue
             return {"image": x, "label": -1 if label is None else int(label), "index": i,
                     "bad": bad}

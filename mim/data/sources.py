@@ -17,6 +17,16 @@ from mim.config import ConfigError, DataConfig
 from mim.data.synthetic import SyntheticShapes
 
 _EXIF_ORIENTATION = 0x0112
+
+
+class UnreadableImage(Exception):
+    """An image that cannot be decoded; carries its path so the loader can report it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -108,7 +118,11 @@ class HFImageSource:
         cell = row[self.image_column]
         path = cell.get("path") if isinstance(cell, dict) else str(cell)
         label = row[self.label_column] if self.label_column else None
-        return decode_image(cell, *self.min_decode), label, path or f"row:{index}"
+        path = path or f"row:{index}"
+        try:
+            return decode_image(cell, *self.min_decode), label, path
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds; all mean "unreadable"
+            raise UnreadableImage(path, f"{type(e).__name__}: {e}".splitlines()[0][:300]) from e
 
 
 def _find_image_column(ds: Any) -> str:

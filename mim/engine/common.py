@@ -120,13 +120,24 @@ def clip_gradients(acc: Accelerator, params: list[torch.nn.Parameter], clip: Any
 
 
 def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
-    """Forward FLOPs per image of the training forward, counted by torch's FlopCounterMode."""
+    """Forward FLOPs per image of the training forward, counted by torch's FlopCounterMode.
+
+    Fused attention kernels are switched to timm's explicit matmul path while counting: the
+    counter does not see inside the CPU SDPA kernel, and both paths do the same matmuls.
+    """
     was_training = model.training
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    for m in fused:
+        m.fused_attn = False
     model.train()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]), \
-            FlopCounterMode(display=False) as counter:
-        model(example)
-    model.train(was_training)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), \
+                FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        for m in fused:
+            m.fused_attn = True
+        model.train(was_training)
     return int(counter.get_total_flops() // example.shape[0])
 
 
@@ -181,8 +192,20 @@ def save_training_state(acc: Accelerator, cfg: Any, run_dir: Path, model: torch.
     acc.wait_for_everyone()
 
 
-def restore_training_state(acc: Accelerator, path: Path, model: torch.nn.Module,
-                           optimizer: torch.optim.Optimizer, scheduler: Any) -> LoopState:
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, as 'key: old -> new'."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def restore_training_state(acc: Accelerator, cfg: Any, path: Path, model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer) -> LoopState:
     model_state, train_state = load_checkpoint(path)
     missing, unexpected = acc.unwrap_model(model).load_state_dict(model_state, strict=False)
     missing = [k for k in missing if not k.endswith("decoder.pos_embed")]
@@ -190,7 +213,12 @@ def restore_training_state(acc: Accelerator, path: Path, model: torch.nn.Module,
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     optimizer.load_state_dict(train_state["optimizer"])
-    scheduler.load_state_dict(train_state["scheduler"])
+    # The schedule is recomputed from the current config (a pure function of the update index),
+    # so a resume that changes train.epochs follows the new schedule; say what changed.
+    changed = config_diff(train_state["config"], cfg.to_dict())
+    changed = [c for c in changed if not c.startswith(("run.resume", "train.max_steps"))]
+    if changed:
+        acc.print("note: resuming with a changed config: " + "; ".join(changed))
     if acc.scaler is not None and train_state.get("scaler"):
         acc.scaler.load_state_dict(train_state["scaler"])
     if train_state.get("num_processes") != acc.num_processes:

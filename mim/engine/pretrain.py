@@ -68,7 +68,7 @@ def pretrain(cfg: Any) -> Path:
     state = LoopState()
     resume_from = resolve_resume(cfg, run_dir)
     if resume_from is not None:
-        state = restore_training_state(acc, resume_from, model, optimizer, scheduler)
+        state = restore_training_state(acc, cfg, resume_from, model, optimizer)
         acc.print(f"resumed from {resume_from} at update {state.step}, epoch {state.epoch}")
     if state.step >= total_updates:
         acc.print(f"run already complete ({state.step} updates)")
@@ -78,11 +78,12 @@ def pretrain(cfg: Any) -> Path:
     vis_images = _vis_batch(cfg, source)
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
             "global_batch": global_batch, "flops_per_image": flops}
+    seen_bad: set[str] = set()
 
     stopped = False
     while state.epoch < cfg.train.epochs and not stopped:
         stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state, metrics,
-                                  run_dir, meta)
+                                  run_dir, meta, seen_bad)
         if not stopped:
             last = state.epoch == cfg.train.epochs - 1
             every = cfg.train.vis_every
@@ -105,7 +106,7 @@ def pretrain(cfg: Any) -> Path:
 
 
 def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopState,
-                    metrics: MetricsLog, run_dir: Path, meta: dict) -> bool:
+                    metrics: MetricsLog, run_dir: Path, meta: dict, seen_bad: set) -> bool:
     """One epoch of updates from ``state.update_in_epoch``; True when ``train.max_steps`` hit."""
     t, accum = cfg.train, cfg.train.grad_accum_steps
     updates = meta["updates_per_epoch"]
@@ -123,7 +124,7 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
         scheduler.step_update(state.step)
         for micro in range(accum):
             batch = speed.wait_for(batches)
-            _record_bad(acc, run_dir, state, batch["bad"])
+            _record_bad(acc, run_dir, state, batch["bad"], seen_bad)
             images = batch["image"].to(acc.device, non_blocking=True)
             seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
             sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
@@ -170,15 +171,19 @@ def _count_skipped(acc, state: LoopState, skipped: torch.Tensor) -> None:
         skipped.zero_()
 
 
-def _record_bad(acc, run_dir: Path, state: LoopState, bad: list) -> None:
-    if not bad:
+def _record_bad(acc, run_dir: Path, state: LoopState, bad: list, seen: set) -> None:
+    """Count each unreadable file once and list it in data_issues.jsonl (path, error, rank)."""
+    new = [(p, err) for p, err in bad if p not in seen]
+    if not new:
         return
-    state.bad_samples += len(bad)
+    seen.update(p for p, _ in new)
+    state.bad_samples += len(new)
     with open(run_dir / "data_issues.jsonl", "a") as f:
-        for path, err in bad:
+        for path, err in new:
             f.write(json.dumps({"rank": acc.process_index, "path": path, "error": err,
                                 "step": state.step}) + "\n")
-    acc.print(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0][0]}: {bad[0][1]}")
+    acc.print(f"warning: skipped unreadable image {new[0][0]} ({new[0][1]}); "
+              f"{state.bad_samples} so far, listed in data_issues.jsonl")
 
 
 def _vis_batch(cfg: Any, source: Any) -> torch.Tensor:

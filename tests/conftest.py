@@ -1,0 +1,33 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY = [
+    "model.arch=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8",
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+    "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",
+    "data.batch_size=16", "data.num_workers=0", "optim.warmup_epochs=0",
+    "tracking.backend=none", "train.log_every=1", "train.vis_every=0", "train.vis_images=4",
+]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Overrides for a tiny MAE run in tmp_path on the synthetic set."""
+    def make(*extra: str, name: str = "t") -> list[str]:
+        return TINY + ["data.synthetic=true", "data.synthetic_size=128",
+                       f"run.output_dir={tmp_path}", f"run.name={name}", *extra]
+    return make
+
+
+def mim_cmd() -> list[str]:
+    return [sys.executable, "-m", "mim"]
