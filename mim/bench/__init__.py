@@ -45,8 +45,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mim.bench.suites import (bench_config, case_table, machine_line, run_scaling,
-                                  run_step_case, run_suite, say, targets_table)
+    from mim.bench.suites import (
+        bench_config,
+        case_table,
+        machine_line,
+        run_scaling,
+        run_step_case,
+        run_suite,
+        say,
+        targets_table,
+    )
     from mim.config import ConfigError
 
     args = _parser().parse_args(argv)
@@ -82,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             impls = ("mim",) if args.no_reference else ("mim", "reference")
             res = run_step_case(cfg, "MAE training step", device,
                                 tuple(args.modes.split(",")), impls, warmup=args.warmup,
-                                rounds=2 if args.quick else args.rounds, budget_s=args.budget)
+                                rounds=2 if args.quick else args.rounds, budget_s=args.budget,
+                                matmul_size=512 if args.quick else 0)
             report += case_table(res)
             say(*case_table(res))
     except ConfigError as e:

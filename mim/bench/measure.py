@@ -10,8 +10,8 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch.utils import flop_counter
@@ -74,7 +74,8 @@ class Timings:
 def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.device,
                      warmup: int, rounds: int, budget_s: float | None = None) -> Timings:
     """Warm every call up on its own, then time ``rounds`` rounds that run each call once, in
-    turn. ``budget_s`` stops early (after at least 3 rounds) on a slow machine."""
+    turn (each round starting one contender later, so none is always first). ``budget_s`` stops
+    early (after at least 3 rounds) on a slow machine."""
     out = Timings()
     for name, fn in calls.items():
         out.warmup[name] = []
@@ -86,8 +87,10 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.devic
             out.warmup[name].append(time.perf_counter() - t)
         out.rounds[name] = []
     start = time.perf_counter()
+    names = list(calls)
     for r in range(rounds):
-        for name, fn in calls.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no fixed first
+            fn = calls[name]
             synchronize(device)
             t = time.perf_counter()
             fn()
@@ -106,7 +109,7 @@ def matmul(device: torch.device, dtype: torch.dtype, n: int) -> tuple[Callable[[
 
 
 def default_matmul_size(device: torch.device) -> int:
-    return 8192 if device.type == "cuda" else 2048
+    return 8192 if device.type == "cuda" else 3072
 
 
 @dataclass

@@ -8,37 +8,48 @@ import contextlib
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from mim.bench.measure import time_interleaved
-from mim.data.loader import TransformedDataset
+from mim.data.loader import TransformedDataset, sample_seed
 from mim.data.sources import HFImageSource, load_local, min_decode_size
 from mim.data.synthetic import synthetic_image
 from mim.data.transforms import pretrain_transform
 
 
+def _write_jpeg(path: Path, index: int, size: tuple[int, int], seed: int) -> None:
+    w, h = size
+    img, _ = synthetic_image(index, max(w, h), seed)
+    arr = np.asarray(img.resize((w, h)), dtype=np.float32)
+    arr += np.random.default_rng([seed, index]).normal(0.0, 10.0, size=arr.shape)
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
 def make_jpeg_folder(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
     """``count`` JPEGs (quality 90) of ``size`` (width, height) in ``root/images/``: a synthetic
     scene plus sensor-like noise, so files are about as large as photos of that size (a smooth
-    image would decode unrealistically fast)."""
+    image would decode unrealistically fast). Written by all CPUs when there are many."""
     folder = root / "images"
     folder.mkdir(parents=True, exist_ok=True)
-    w, h = size
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        path = folder / f"{i:05d}.jpg"
-        if path.exists():
-            continue
-        img, _ = synthetic_image(i, max(w, h), seed)
-        arr = np.asarray(img.resize((w, h)), dtype=np.float32)
-        arr += rng.normal(0.0, 10.0, size=arr.shape)
-        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    todo = [(folder / f"{i:05d}.jpg", i) for i in range(count)
+            if not (folder / f"{i:05d}.jpg").exists()]
+    workers = min(os.cpu_count() or 1, 16)
+    if len(todo) < 128 or workers < 4:
+        for path, i in todo:
+            _write_jpeg(path, i, size, seed)
+        return root
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_write_jpeg, [p for p, _ in todo], [i for _, i in todo],
+                      [size] * len(todo), [seed] * len(todo), chunksize=16))
     return root
 
 
@@ -50,14 +61,24 @@ class PipelineRow:
 
 
 def pipeline_contenders(root: Path, img_size: int, crop_scale: tuple[float, float],
-                        mean, std, seed: int = 0) -> tuple[dict[str, Callable[[int], Any]], int]:
-    """Per-sample loaders over the same files: torchvision ImageFolder, mim's folder source
-    (reduced-size JPEG decode on, and off) and mim's in-memory source (the encoded bytes held in a
-    ``datasets`` table, as a hub dataset is)."""
+                        mean, std, seed: int = 0
+                        ) -> tuple[dict[str, Callable[[int, int], Any]], int]:
+    """Per-sample loaders ``(epoch, index) -> tensor`` over the same files: torchvision
+    ImageFolder, mim's folder source (reduced-size JPEG decode on, and off) and mim's in-memory
+    source (the encoded bytes held in a ``datasets`` table, as a hub dataset is).
+
+    ImageFolder draws its augmentation from the global generator, seeded here with mim's
+    per-sample seed, so every loader crops the same boxes: the cost of a bicubic resize depends
+    on the crop size, and different draws would bias the comparison."""
     import datasets
+    from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
     tf = pretrain_transform(img_size, crop_scale, mean, std)
+    tv_tf = T.Compose([  # the same augmentation as a torchvision user writes it
+        T.RandomResizedCrop(img_size, scale=tuple(crop_scale),
+                            interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
     min_decode = min_decode_size(img_size, crop_scale[0])
     folder = load_local(str(root), "train")
     files = folder["image"]
@@ -67,24 +88,40 @@ def pipeline_contenders(root: Path, img_size: int, crop_scale: tuple[float, floa
     ours = TransformedDataset(HFImageSource(folder, min_decode=min_decode), tf, seed)
     ours_full = TransformedDataset(HFImageSource(folder), tf, seed)
     ours_mem = TransformedDataset(HFImageSource(table, min_decode=min_decode), tf, seed)
-    tv = ImageFolder(str(root), transform=tf)
+    tv = ImageFolder(str(root), transform=tv_tf)
+
+    def imagefolder(epoch: int, i: int) -> torch.Tensor:
+        torch.default_generator.manual_seed(sample_seed(seed, epoch, i))
+        return tv[i][0]
+
     return {
-        "torchvision ImageFolder": lambda i: tv[i][0],
-        "mim folder": lambda i: ours[(0, i)]["image"],
-        "mim folder, full-size decode": lambda i: ours_full[(0, i)]["image"],
-        "mim in-memory": lambda i: ours_mem[(0, i)]["image"],
+        "torchvision ImageFolder": imagefolder,
+        "mim folder": lambda e, i: ours[(e, i)]["image"],
+        "mim folder, full-size decode": lambda e, i: ours_full[(e, i)]["image"],
+        "mim in-memory": lambda e, i: ours_mem[(e, i)]["image"],
     }, len(files)
 
 
 def bench_pipeline(root: Path, img_size: int, crop_scale: tuple[float, float], mean, std,
                    rounds: int = 5, budget_s: float = 60.0) -> list[PipelineRow]:
     """Images/s of one worker (one process, one thread, as a DataLoader worker runs) for each
-    loader, interleaved over rounds of one pass through the folder each."""
+    loader, interleaved over rounds of one pass (epoch) through the folder each."""
     loaders, n = pipeline_contenders(root, img_size, crop_scale, mean, std)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+
+    def epochs_of(load: Callable[[int, int], Any]) -> Callable[[], None]:
+        """Each call is the next epoch for this loader: all loaders see the same epochs."""
+        epochs = iter(range(10 ** 9))
+
+        def one_epoch() -> None:
+            e = next(epochs)
+            for i in range(n):
+                load(e, i)
+        return one_epoch
+
     try:
-        calls = {name: (lambda f=f: [f(i) for i in range(n)]) for name, f in loaders.items()}
+        calls = {name: epochs_of(f) for name, f in loaders.items()}
         t = time_interleaved(calls, torch.device("cpu"), warmup=1, rounds=rounds,
                              budget_s=budget_s)
     finally:
@@ -114,9 +151,13 @@ def real_run_data_wait(cfg: Any, data_path: Path, steps: int, log_every: int,
                       epochs=1000)
     d["tracking"]["backend"] = "none"
     run_cfg = config_from_dict(d)
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    with contextlib.redirect_stdout(io.StringIO()):
-        run_dir = pretrain(run_cfg)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            run_dir = pretrain(run_cfg)
+    except Exception:
+        print(log.getvalue()[-4000:])
+        raise
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
     later = recs[1:] or recs
     return RealRun(images_per_s=sum(r["images_per_s"] for r in later) / len(later),

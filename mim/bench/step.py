@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from mim.engine.common import apply_speed_options, build_optimizer, step_if_finite
+from mim.engine.common import apply_speed_options, build_optimizer, is_finite, step_if_finite
 from mim.models import build_pretrainer
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -32,6 +33,7 @@ class Contender:
     loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     images: torch.Tensor
     autocast_dtype: torch.dtype | None
+    host_synced_guard: bool = False  # the pre-benchmark engine: read the grad norm on the host
 
     def autocast(self) -> Any:
         if self.autocast_dtype is None:
@@ -49,7 +51,10 @@ class Contender:
         self.forward_backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-        step_if_finite(self.optimizer, grad_norm)
+        if not self.host_synced_guard:
+            step_if_finite(self.optimizer, grad_norm)
+        elif is_finite(grad_norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
@@ -61,20 +66,23 @@ def build_contender(cfg: Any, impl: str, mode: str, device: torch.device,
                     images: torch.Tensor) -> Contender:
     """mim's MAE (``mode="compile"`` means ``train.compile=true``, mim's own way) or the reference
     at the same architecture (``compile`` = ``torch.compile`` of the whole model, the way
-    ``transformers`` users compile)."""
+    ``transformers`` users compile). Variants of mim, to measure one option each:
+    ``mim-hostsync`` reads the non-finite guard on the host every step (the engine before the
+    sync-free guard); ``mim-gc`` turns on ``train.grad_checkpointing``."""
     from mim.bench.reference import build_reference, reference_loss
 
     torch.manual_seed(cfg.run.seed)
     ours = build_pretrainer(cfg)
-    if impl == "mim":
+    if impl.startswith("mim"):
         model, loss_fn = ours, _mim_loss
     else:
         model, loss_fn = build_reference(ours), reference_loss
         del ours
     model = model.to(device).train()
-    if impl == "mim":
+    if impl.startswith("mim"):
         run_cfg = copy.deepcopy(cfg)
         run_cfg.train.compile = mode == "compile"
+        run_cfg.train.grad_checkpointing |= impl == "mim-gc"
         apply_speed_options(model, run_cfg)
     else:
         if cfg.train.grad_checkpointing:
@@ -83,4 +91,4 @@ def build_contender(cfg: Any, impl: str, mode: str, device: torch.device,
             model.compile()
     optimizer = build_optimizer(model, cfg, lr=1e-4)
     return Contender(f"{impl} {mode}", impl, mode, model, optimizer, loss_fn, images,
-                     AUTOCAST[cfg.train.mixed_precision])
+                     AUTOCAST[cfg.train.mixed_precision], impl == "mim-hostsync")

@@ -19,9 +19,19 @@ from typing import Any
 
 import torch
 
-from mim.bench.measure import (FlopCount, Timings, count_step_flops, cuda_peak_bytes,
-                               default_matmul_size, matmul, profile_step, saved_activation_bytes,
-                               state_bytes, time_interleaved)
+from mim.bench.measure import (
+    FlopCount,
+    Timings,
+    count_step_flops,
+    cuda_peak_bytes,
+    default_matmul_size,
+    matmul,
+    profile_step,
+    saved_activation_bytes,
+    state_bytes,
+    synchronize,
+    time_interleaved,
+)
 from mim.bench.pipeline import bench_pipeline, make_jpeg_folder, real_run_data_wait
 from mim.bench.reference import NotComparable
 from mim.bench.step import Contender, build_contender
@@ -63,7 +73,7 @@ class CaseResult:
     memory_kind: str
     timings: Timings
     contenders: dict[str, Contender] = field(repr=False, default_factory=dict)
-    reference_error: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def best(self, impl: str) -> Row | None:
         rows = [r for r in self.rows if r.impl == impl]
@@ -90,30 +100,44 @@ def describe(cfg: Any) -> str:
 def run_step_case(cfg: Any, title: str, device: torch.device, modes: tuple[str, ...],
                   impls: tuple[str, ...] = ("mim", "reference"), warmup: int = 2,
                   rounds: int = 10, budget_s: float | None = None,
-                  keep_contenders: bool = False) -> CaseResult:
+                  keep_contenders: bool = False, matmul_size: int = 0) -> CaseResult:
     """Build every (impl, mode) contender at ``cfg``, time them interleaved, count FLOPs and
     memory. The reference is skipped (and the reason kept) when it cannot match the model."""
     b, c, s = cfg.data.batch_size, cfg.model.in_chans, cfg.model.img_size
     torch.manual_seed(cfg.run.seed)
     images = torch.randn(b, c, s, s, device=device)
     contenders: dict[str, Contender] = {}
-    ref_error = ""
+    notes, first = [], {}
     for impl in impls:
         for mode in modes:
             try:
                 con = build_contender(cfg, impl, mode, device, images)
             except NotComparable as e:
-                ref_error = str(e)
+                notes.append(f"reference not measured: {e}")
                 break
+            try:  # the first step compiles; a contender that cannot run is reported, not fatal
+                synchronize(device)
+                t0 = time.perf_counter()
+                con.step()
+                synchronize(device)
+                first[con.name] = time.perf_counter() - t0
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"{con.name} failed: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300] if str(e) else ''}")
+                say(f"  {notes[-1]}")
+                continue
             contenders[con.name] = con
+    if not contenders:
+        raise RuntimeError("no contender ran: " + "; ".join(notes))
     dtype = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[
         cfg.train.mixed_precision]
     mm_dtype = torch.float32 if cfg.train.mixed_precision == "no" else torch.bfloat16
-    mm, mm_flops = matmul(device, mm_dtype, default_matmul_size(device))
+    mm, mm_flops = matmul(device, mm_dtype, matmul_size or default_matmul_size(device))
     calls = {name: con.step for name, con in contenders.items()}
     calls["matmul"] = mm
     say(f"  timing {', '.join(contenders)} (+ matmul) ...")
-    t = time_interleaved(calls, device, warmup=warmup, rounds=rounds, budget_s=budget_s)
+    t = time_interleaved(calls, device, warmup=max(warmup - 1, 1), rounds=rounds,
+                         budget_s=budget_s)
     mm_rate = mm_flops / t.median("matmul")
     mm_best = mm_flops / min(t.rounds["matmul"] + t.warmup["matmul"][1:])
 
@@ -141,10 +165,10 @@ def run_step_case(cfg: Any, title: str, device: torch.device, modes: tuple[str, 
         step_s = t.median(name)
         fl = flops[con.impl]
         rows.append(Row(name, con.impl, con.mode, b / step_s, 1e3 * step_s, t.spread(name),
-                        t.warmup[name][0] if t.warmup[name] else float("nan"), mem, fl,
+                        first[name], mem, fl,
                         fl.total * b / step_s / mm_rate))
     return CaseResult(title, describe(cfg), str(device), dtype, b, rows, mm_rate, mm_best,
-                      memory_kind, t, contenders if keep_contenders else {}, ref_error)
+                      memory_kind, t, contenders if keep_contenders else {}, notes)
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -173,13 +197,16 @@ def case_table(res: CaseResult) -> list[str]:
                      f"{100 * r.spread:.0f}% | {r.first_step_s:.1f} | {fmt_bytes(r.memory)} | "
                      f"{fmt_flops(r.flops.total)} | {100 * r.flops.attention_share:.1f}% | "
                      f"{fmt_flops(r.flops.total * r.images_per_s)} | {100 * r.mfu:.1f}% |")
+    noisy = [r.name for r in res.rows if r.spread > 0.25]
+    if noisy:
+        lines.append(f"\nwarning: noisy timings (interquartile range > 25% of the median) for "
+                     f"{', '.join(noisy)}: the machine was busy; ratios are less reliable")
     sp = res.speedup()
     if sp is not None:
         lines.append(f"\nmim best ({res.best('mim').name}) / reference best "
                      f"({res.best('reference').name}): **{sp:.2f}x** images/s "
                      "(median of paired per-round ratios)")
-    if res.reference_error:
-        lines.append(f"\nreference not measured: {res.reference_error}")
+    lines += [f"\nnote: {n}" for n in res.notes]
     return lines
 
 
@@ -220,8 +247,7 @@ CPU_CASES = {
 # A light decoder for the small CPU encoders (MAE's 512-dim, 8-block default would be ~90% of
 # the FLOPs of a ViT-Ti MAE and make the encoder a rounding error).
 CPU_COMMON = ["model.img_size=224", "model.patch_size=16", "method.decoder_dim=128",
-              "method.decoder_depth=2", "method.decoder_heads=4", "data.batch_size=16",
-              "train.mixed_precision=no"]
+              "method.decoder_depth=2", "method.decoder_heads=4", "data.batch_size=16"]
 GPU_CASE = ["model.arch=vit_base_patch16_224", "model.img_size=224", "model.patch_size=16",
             "method.decoder_dim=512", "method.decoder_depth=8", "method.decoder_heads=16",
             "data.batch_size=256", "train.mixed_precision=bf16"]
@@ -263,8 +289,14 @@ def run_suite(suite: str, overrides: list[str], device: torch.device, quick: boo
     for (name, ov), budget in zip(cases, budgets):
         cfg = bench_config(ov + overrides)
         say(f"== step: {name} ({time.perf_counter() - start:.0f} s)")
-        res = run_step_case(cfg, f"{name} MAE training step", device, modes,
-                            rounds=rounds, budget_s=budget, keep_contenders=True)
+        try:
+            res = run_step_case(cfg, f"{name} MAE training step", device, modes,
+                                rounds=rounds, budget_s=budget, keep_contenders=True)
+        except Exception as e:  # noqa: BLE001 - report the broken case, keep the others
+            line = f"PART FAILED: step case {name}: {type(e).__name__}: {e}"
+            report += [line, ""]
+            say(line)
+            continue
         report += case_table(res) + [""]
         say(*case_table(res), "")
         raw["cases"][name] = _case_raw(res)
@@ -279,12 +311,77 @@ def run_suite(suite: str, overrides: list[str], device: torch.device, quick: boo
         peak = "bf16" if device.type == "cuda" else "fp32"
         case_targets.append(Target(f"{name} training step, share of measured {peak} matmul "
                                    "peak", ours.mfu, 0.5, ""))
-        if not all(t.met for t in case_targets):
-            why = _why(res, device)
-            for t in case_targets:
-                t.why_not = why
+        failed = [t for t in case_targets if not t.met]
+        if failed:
+            failed[0].why_not = _why(res, device)
+            for t in failed[1:]:
+                t.why_not = [f"  (same profile as above: {failed[0].name})"]
         targets += case_targets
         res.contenders.clear()
+    if best_mim_cfg is None:
+        best_mim_cfg = (bench_config(cases[0][1] + overrides), "eager", float("nan"))
+    parts = [_optimizer_part, _pipeline_part, _real_run_part]
+    if suite == "gpu":
+        parts.insert(0, _variants_part)
+    for part in parts:
+        try:
+            part(report, targets, raw, best_mim_cfg, device, quick, workdir, start)
+        except Exception as e:  # noqa: BLE001 - report the broken part, keep the others
+            import traceback
+
+            traceback.print_exc()
+            line = f"PART FAILED: {part.__name__.strip('_')}: {type(e).__name__}: {e}"
+            report += [line, ""]
+            say(line)
+    raw["elapsed_s"] = time.perf_counter() - start
+    return report, targets, raw
+
+
+def _variants_part(report, targets, raw, best_mim_cfg, device, quick, workdir, start) -> None:
+    say(f"== engine options, eager ({time.perf_counter() - start:.0f} s)")
+    res = run_step_case(best_mim_cfg[0], "Engine options (eager, same rounds)", device,
+                        ("eager",), ("mim", "mim-hostsync", "mim-gc"),
+                        rounds=3 if quick else 15, budget_s=90.0)
+    lines = case_table(res)
+    for other, what in (("mim-hostsync eager", "non-finite guard read on the host every step"),
+                        ("mim-gc eager", "train.grad_checkpointing=true")):
+        if other in res.timings.rounds:
+            lines.append(f"- {what}: step time x{res.timings.ratio(other, 'mim eager'):.3f} "
+                         "(median of paired rounds)")
+    report += lines + [""]
+    say(*lines, "")
+    raw["variants"] = _case_raw(res)
+
+
+def _optimizer_part(report, targets, raw, best_mim_cfg, device, quick, workdir, start) -> None:
+    """AdamW alone on the model's parameters (random gradients): the per-tensor loop, the
+    multi-tensor (foreach) and the fused implementation, interleaved."""
+    say(f"== optimizer step ({time.perf_counter() - start:.0f} s)")
+    from timm.optim import create_optimizer_v2
+
+    from mim.models import build_pretrainer
+
+    cfg = best_mim_cfg[0]
+    calls, n_params = {}, 0
+    for impl, kw in (("for-loop", {"foreach": False}), ("foreach", {"foreach": True}),
+                     ("fused", {"fused": True})):
+        model = build_pretrainer(cfg).to(device)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        n_params = sum(p.numel() for p in model.parameters())
+        opt = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05, **kw)
+        calls[impl] = opt.step
+    t = time_interleaved(calls, device, warmup=2, rounds=3 if quick else 10, budget_s=30.0)
+    lines = [f"### AdamW step alone ({n_params / 1e6:.1f} M parameters, {device.type})", "",
+             "| implementation | ms per step | fused is faster by |", "|---|---:|---:|"]
+    lines += [f"| {name} | {1e3 * t.median(name):.2f} | {t.ratio(name, 'fused'):.2f}x |"
+              for name in calls]
+    report += lines + [""]
+    say(*lines, "")
+    raw["optimizer_ms"] = {name: 1e3 * t.median(name) for name in calls}
+
+
+def _pipeline_part(report, targets, raw, best_mim_cfg, device, quick, workdir, start) -> None:
     say(f"== input pipeline ({time.perf_counter() - start:.0f} s)")
     report += ["### Input pipeline: decode + MAE augmentation, one worker (1 process, 1 thread)"]
     cfg0 = best_mim_cfg[0]
@@ -294,7 +391,7 @@ def run_suite(suite: str, overrides: list[str], device: torch.device, quick: boo
         root = make_jpeg_folder(workdir / f"jpeg_{size[0]}x{size[1]}",
                                 64 if size[0] < 1000 else 24, size)
         rows = bench_pipeline(root, cfg0.model.img_size, d.crop_scale, d.mean, d.std,
-                              rounds=5 if not quick else 2, budget_s=45 if not quick else 5)
+                              rounds=10 if not quick else 2, budget_s=30 if not quick else 5)
         lines = [f"JPEG {size[0]}x{size[1]} (quality 90) -> {cfg0.model.img_size} px:", "",
                  "| loader | images/s per worker | vs ImageFolder |", "|---|---:|---:|"]
         lines += [f"| {r.name} | {r.images_per_s:.1f} | {r.ratio_to_imagefolder:.2f}x |"
@@ -306,15 +403,19 @@ def run_suite(suite: str, overrides: list[str], device: torch.device, quick: boo
             if r.name in ("mim folder", "mim in-memory"):
                 targets.append(Target(f"input pipeline {r.name} vs ImageFolder, JPEG "
                                       f"{size[0]}x{size[1]}", r.ratio_to_imagefolder, 1.0, "x"))
+
+
+def _real_run_part(report, targets, raw, best_mim_cfg, device, quick, workdir, start) -> None:
     say(f"== real run, data wait ({time.perf_counter() - start:.0f} s)")
     cfg, mode, step_rate = best_mim_cfg
     run_cfg = copy.deepcopy(cfg)
     run_cfg.train.compile = mode == "compile"
-    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    workers = max(1, min(16, (os.cpu_count() or 2) - 2))
     run_cfg.data.num_workers = workers
-    n_img = max(4 * run_cfg.data.batch_size * 4, 256)
+    steps = 16 if device.type == "cpu" else 12
+    steps = 4 if quick else steps
+    n_img = max(steps * run_cfg.data.batch_size, 256)  # one epoch: no restart inside the windows
     root = make_jpeg_folder(workdir / "jpeg_run", n_img, (500, 375))
-    steps = 16 if not quick else 4
     real = real_run_data_wait(run_cfg, root, steps=steps, log_every=max(steps // 4, 1),
                               workdir=workdir / "runs")
     lines = [f"### Real run: `mim pretrain` on {n_img} JPEGs (500x375), {workers} workers, "
@@ -329,8 +430,6 @@ def run_suite(suite: str, overrides: list[str], device: torch.device, quick: boo
     if device.type == "cuda":
         targets.append(Target("full pipeline with data loading / step benchmark (within 15%)",
                               real.images_per_s / step_rate, 0.85, "x"))
-    raw["elapsed_s"] = time.perf_counter() - start
-    return report, targets, raw
 
 
 def _why(res: CaseResult, device: torch.device) -> list[str]:

@@ -108,16 +108,31 @@ class HFImageSource:
         if self.label_column:
             f = ds.features[self.label_column]
             self.classes = list(f.names) if isinstance(f, datasets.ClassLabel) else None
+        if getattr(ds, "_indices", None) is not None:  # a select/shuffle/filter view
+            ds = ds.flatten_indices()
         self.ds = ds
+        self._bind_columns()
+
+    def _bind_columns(self) -> None:
+        # Rows are read straight from the Arrow columns: ~3 us a row against ~100 us through
+        # ``ds[i]`` and its formatting (per-sample overhead that every worker pays).
+        self._images = self.ds.data.column(self.image_column)
+        self._labels = self.ds.data.column(self.label_column) if self.label_column else None
+
+    def __getstate__(self) -> dict[str, Any]:  # spawned workers: pickle the dataset, not rows
+        return {k: v for k, v in self.__dict__.items() if k not in ("_images", "_labels")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._bind_columns()
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def load(self, index: int) -> tuple[Image.Image, int | None, str]:
-        row = self.ds[int(index)]
-        cell = row[self.image_column]
+        cell = self._images[int(index)].as_py()
         path = cell.get("path") if isinstance(cell, dict) else str(cell)
-        label = row[self.label_column] if self.label_column else None
+        label = self._labels[int(index)].as_py() if self._labels is not None else None
         path = path or f"row:{index}"
         try:
             return decode_image(cell, *self.min_decode), label, path

@@ -76,9 +76,10 @@ def apply_speed_options(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
     """``train.grad_checkpointing`` and ``train.compile``, applied in place once after the model is
     built, so parameter names, state dicts and checkpoints do not change.
 
-    Compilation is regional: every transformer block is compiled on its own (blocks of one stack
-    share the compiled code), which compiles in a fraction of the whole-model time, composes with
-    activation checkpointing, and keeps the mask draws in eager mode, so the losses match
+    Compilation is regional: every transformer block is compiled on its own and the blocks of one
+    stack share the compiled code (one graph for the encoder's token count, one for the
+    decoder's), which compiles in a fraction of the whole-model time, composes with activation
+    checkpointing, and keeps the mask draws in eager mode, so the losses match
     ``train.compile=false`` up to float rounding."""
     if cfg.train.grad_checkpointing:
         for part in model.modules():
@@ -86,7 +87,7 @@ def apply_speed_options(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
                 part.set_grad_checkpointing(True)
     if cfg.train.compile:
         for block in transformer_blocks(model):
-            block.compile()
+            block.compile(dynamic=False)  # encoder and decoder token counts: two static graphs
     return model
 
 
