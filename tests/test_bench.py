@@ -7,8 +7,12 @@ import torch
 
 from mim.bench import main as bench_main
 from mim.bench.measure import count_step_flops
-from mim.bench.pipeline import (bench_pipeline, make_jpeg_folder, pipeline_contenders,
-                                real_run_data_wait)
+from mim.bench.pipeline import (
+    bench_pipeline,
+    make_jpeg_folder,
+    pipeline_contenders,
+    real_run_data_wait,
+)
 from mim.bench.suites import bench_config, run_step_case
 from mim.config import load_config
 from mim.models import build_pretrainer
@@ -63,7 +67,7 @@ def test_pipeline_loaders_give_imagefolders_tensors(tmp_path):
 def test_pipeline_and_real_run(tmp_path):
     root = make_jpeg_folder(tmp_path / "jpegs", 32, (96, 72))
     rows = bench_pipeline(root, 32, (0.2, 1.0), (0.5,) * 3, (0.5,) * 3, rounds=1)
-    assert [r.name for r in rows][0] == "torchvision ImageFolder"
+    assert rows[0].name == "torchvision ImageFolder"
     assert rows[0].ratio_to_imagefolder == pytest.approx(1.0)
     assert all(r.images_per_s > 0 for r in rows)
     cfg = load_config(None, TINY + ["data.synthetic=true", "data.batch_size=8"])

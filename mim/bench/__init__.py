@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     from mim.config import ConfigError
 
     args = _parser().parse_args(argv)
-    device = torch.device(args.device)
+    device = torch.device("cpu" if args.suite == "cpu" else args.device)
+    if args.suite == "gpu" and device.type != "cuda" and not args.quick:
+        print("mim: error: --suite gpu needs a CUDA device (for a smoke run elsewhere: --quick "
+              "with small model overrides)", file=sys.stderr)
+        return 2
     report: list[str] = []
     raw: dict = {}
     try:

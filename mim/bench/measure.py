@@ -185,10 +185,12 @@ _CATEGORIES = (
     ("optimizer", ("adam", "_foreach", "Optimizer.step")),
     ("layer norm", ("layer_norm",)),
     ("gelu", ("gelu",)),
-    ("copies/layout", ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous",
-                       "aten::gather", "aten::index", "aten::scatter", "aten::fill_",
-                       "aten::zero_", "aten::zeros", "aten::empty")),
-    ("compiled kernels", ("cpp_fused", "triton_", "CompiledFunction", "Torch-Compiled")),
+    ("compiled kernels", ("cpp_fused", "triton_", "CompiledFunction", "Torch-Compiled",
+                          "CompiledFxGraph")),
+    ("copies/layout/casts", ("aten::copy_", "aten::_to_copy", "aten::cat", "aten::stack",
+                             "aten::clone", "aten::contiguous", "aten::gather", "aten::index",
+                             "aten::scatter", "aten::fill_", "aten::zero_", "aten::zeros",
+                             "aten::empty")),
     ("reductions/elementwise", ("aten::sum", "aten::add", "aten::mul", "aten::div", "aten::sub",
                                 "aten::pow", "aten::mean", "aten::var", "aten::sqrt",
                                 "aten::lerp", "aten::where", "aten::rsub")),
@@ -217,7 +219,8 @@ class Profile:
 
 def profile_step(step: Callable[[], object], device: torch.device, steps: int = 2,
                  top: int = 12) -> Profile:
-    """Where a step's time goes: torch.profiler self time per op (device time on CUDA)."""
+    """Where a step's time goes: torch.profiler self time per operator (on CUDA, the device time
+    of the kernels each operator launched)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -225,9 +228,12 @@ def profile_step(step: Callable[[], object], device: torch.device, steps: int = 
         for _ in range(steps):
             step()
         synchronize(device)
+    from torch.autograd import DeviceType
+
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    # Operator rows only: on CUDA each kernel's time is also on the operator that launched it.
     events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0
-              and not e.key.startswith("ProfilerStep")]
+              and e.device_type == DeviceType.CPU and not e.key.startswith("ProfilerStep")]
     total = sum(getattr(e, attr) for e in events) or 1.0
     events.sort(key=lambda e: -getattr(e, attr))
     rows = [(e.key, getattr(e, attr) / 1e3 / steps, getattr(e, attr) / total)
