@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A configuration problem found before any work starts (exit code 2)."""
 
 
+class RunError(RuntimeError):
+    """A run stopped on purpose by a guard (bad data, divergence); exit code 1, one line."""
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -53,12 +57,23 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["mae"] = "mae"
+    name: Literal["mae", "simmim", "maskfeat", "beit", "vq_tokenizer"] = "mae"
     mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    decoder_dim: int = 512
+    norm_pix_loss: bool = True  # mae and simmim: per-patch normalised pixel targets
+    decoder_dim: int = 512  # mae decoder; also the vq_tokenizer's pixel decoder
     decoder_depth: int = 8
     decoder_heads: int = 16
+    # BEiT family (simmim, maskfeat, beit): which patches the mask token replaces.
+    mask_type: Literal["random", "block"] = "random"
+    block_min_patches: int = 16  # smallest block, in patches (BEiT: 16)
+    block_max_patches: int = 0  # largest block; 0 = up to the number of patches to mask
+    block_aspect: tuple[float, float] = (0.3, 1 / 0.3)  # height / width range
+    hog_bins: int = 9  # maskfeat: orientation bins over 0-180 degrees
+    hog_cell: int = 8  # maskfeat: cell size in pixels; must divide model.patch_size
+    tokenizer: str = ""  # beit: a `mim tokenizer` run directory or its tokenizer.safetensors
+    codebook_size: int = 8192  # vq_tokenizer: number of codes (beit takes it from its tokenizer)
+    code_dim: int = 32  # vq_tokenizer: codes are unit vectors of this size
+    code_entropy_weight: float = 0.1  # vq_tokenizer: weight of the codebook-usage entropy loss
 
 
 @dataclass
@@ -68,13 +83,15 @@ class DataConfig:
     synthetic: bool = False  # the built-in procedural image set (no download)
     synthetic_size: int = 2048
     split: str = "train"
-    streaming: bool = False  # hub datasets only
+    streaming: bool = False  # read data.name as a stream (no full download)
+    num_examples: int = 0  # streaming only: examples per epoch when the dataset card lacks it
     image_column: str = ""  # empty: the first image-typed column
     label_column: str = ""  # empty: "label" or "labels" when present
     batch_size: int = 64  # per device
     num_workers: int = 4
     # JPEGs decode at 1/2, 1/4 or 1/8 size (PIL draft) when every random crop keeps full resolution
     reduced_decode: bool = True
+    max_bad_fraction: float = 0.01  # stop when more of the dataset than this is unreadable
     crop_scale: tuple[float, float] = (0.2, 1.0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -111,6 +128,8 @@ class TrainConfig:
     vis_images: int = 8
     compile: bool = False  # torch.compile each transformer block (regional compilation)
     grad_checkpointing: bool = False  # recompute block activations in backward (ViT-L/H memory)
+    max_nonfinite: int = 10  # stop after this many non-finite updates in a row
+    dist_timeout_s: int = 600  # a collective waiting longer than this fails (dead peer)
 
 
 @dataclass
@@ -140,9 +159,119 @@ class PretrainConfig:
 
     def validate(self) -> None:
         _validate_common(self)
+        _validate_method(self)
 
 
-SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig}
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+@dataclass
+class ClassifierModelConfig(ModelConfig):
+    """The timm ViT as a classifier; the head options mirror timm's VisionTransformer."""
+
+    pos_embed: Literal["sincos", "learned"] = "learned"  # learnable; the init overwrites it
+    num_classes: int = 0  # 0 = the number of classes of the training set
+    global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens + fc_norm (MAE)
+    head_batchnorm: bool = False  # BatchNorm1d(affine=False) before the head (MAE linear probe)
+    head_init_std: float = 2.0e-5  # head weights ~ trunc_normal(std) (MAE: 2e-5; probe 0.01)
+
+
+@dataclass
+class TuneConfig:
+    mode: Literal["full", "linear", "partial"] = "full"  # linear: frozen encoder
+    blocks: int = 1  # partial: the last k blocks train (with the final norm and the head)
+
+
+@dataclass
+class FinetuneDataConfig(DataConfig):
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop as timm/MAE fine-tuning
+    val_split: str = "validation"  # evaluated every train.eval_every epochs
+    label_fraction: float = 1.0  # class-stratified fraction of the training labels
+    auto_augment: str = ""  # timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (MAE)
+    reprob: float = 0.0  # random erasing probability (MAE: 0.25)
+    hflip: float = 0.5
+    eval_crop_pct: float = 1.0  # eval: resize to img_size / crop_pct, centre crop (MAE: 0.875)
+    eval_batch_size: int = 0  # 0 = data.batch_size
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    optimizer: Literal["adamw", "lars"] = "adamw"  # lars: MAE's linear probe
+    base_lr: float = 1.0e-3  # lr = base_lr * global_batch / 256
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 5.0
+    layer_decay: float = 1.0  # layer-wise lr decay (MAE ViT-B: 0.65-0.75); 1 = off
+
+
+@dataclass
+class LossConfig:
+    name: Literal["ce", "focal"] = "ce"  # ce: soft-target CE under mixup
+    label_smoothing: float = 0.0
+    gamma: float = 2.0  # focal
+    alpha: list[float] = field(default_factory=list)  # focal: one weight per class; [] = none
+
+
+@dataclass
+class MixupConfig:
+    mixup_alpha: float = 0.0  # 0 and cutmix_alpha 0: off
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    mode: Literal["batch", "pair", "elem"] = "batch"
+
+
+@dataclass
+class DropoutConfig:
+    """Dropout and drop-path schedule of Liu et al. 2023, "Dropout Reduces Underfitting"."""
+
+    rate: float = 0.0  # dropout after attention/MLP projections and position embedding
+    schedule: Literal["constant", "early", "late"] = "constant"  # scales rate and drop_path
+    epochs: int = 0  # E: early = on for epochs [0, E); late = on from epoch E
+
+
+@dataclass
+class FinetuneTrainConfig:
+    epochs: int = 100
+    max_steps: int = 0  # stop after this many optimizer updates (0 = no limit)
+    grad_accum_steps: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 20  # optimizer updates
+    save_every: int = 1000  # optimizer updates; a checkpoint is also written every epoch
+    keep_last: int = 1
+    eval_every: int = 1  # epochs; the last epoch is always evaluated
+    best_metric: Literal["top1", "top5", "macro_f1", "loss"] = "top1"
+    max_nonfinite: int = 10  # stop after this many non-finite updates in a row
+    dist_timeout_s: int = 600  # a collective waiting longer than this fails (dead peer)
+
+
+@dataclass
+class FinetuneConfig:
+    init: str = "scratch"  # scratch | mim run dir | .safetensors | MAE/BEiT .pth | timm:<name>
+    init_file: str = ""  # timm:<name> weights from a local file instead of a download
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def validate(self) -> None:
+        _validate_common(self)
+        _validate_finetune(self)
+
+
+SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -353,6 +482,8 @@ def _validate_common(cfg: Any) -> None:
     _check(d.batch_size > 0, f"config key 'data.batch_size' must be positive, got {d.batch_size}")
     _check(d.num_workers >= 0, "config key 'data.num_workers' must be >= 0")
     _check(d.synthetic_size > 0, "config key 'data.synthetic_size' must be positive")
+    _check(not d.streaming or bool(d.name),
+           "config key 'data.streaming' applies to hub datasets ('data.name') only")
     lo, hi = d.crop_scale
     _check(0.0 < lo <= hi <= 1.0, f"config key 'data.crop_scale' must satisfy 0 < lo <= hi <= 1, "
                                   f"got {d.crop_scale}")
@@ -369,9 +500,114 @@ def _validate_common(cfg: Any) -> None:
     _check(t.log_every > 0, "config key 'train.log_every' must be positive")
     _check(t.save_every > 0, "config key 'train.save_every' must be positive")
     _check(t.keep_last > 0, "config key 'train.keep_last' must be positive")
-    _check(t.vis_every >= 0, "config key 'train.vis_every' must be >= 0")
+    _check(getattr(t, "vis_every", 0) >= 0, "config key 'train.vis_every' must be >= 0")
+    _check(t.max_nonfinite > 0, "config key 'train.max_nonfinite' must be positive")
+    _check(t.dist_timeout_s > 0, "config key 'train.dist_timeout_s' must be positive")
+    _check(0.0 <= d.max_bad_fraction <= 1.0, "config key 'data.max_bad_fraction' must be in [0, 1]")
     _check(cfg.run.resume in ("auto", "none") or Path(cfg.run.resume).exists(),
            f"config key 'run.resume' must be 'auto', 'none' or an existing checkpoint, "
            f"got {cfg.run.resume!r}")
     _check(bool(cfg.run.name) and "/" not in cfg.run.name,
            f"config key 'run.name' must be a non-empty name without '/', got {cfg.run.name!r}")
+
+
+def _validate_method(cfg: Any) -> None:
+    """Method-specific checks (the BEiT family and the tokenizer)."""
+    m, model = cfg.method, cfg.model
+    grid = (model.img_size // model.patch_size,) * 2
+    if m.mask_type == "block":
+        _check(m.name in ("simmim", "maskfeat", "beit"),
+               f"config key 'method.mask_type': 'block' is for simmim, maskfeat and beit, "
+               f"not {m.name!r}")
+        _check(m.block_min_patches >= 1, "config key 'method.block_min_patches' must be >= 1")
+        _check(m.block_max_patches == 0 or m.block_max_patches >= m.block_min_patches,
+               "config key 'method.block_max_patches' must be 0 or >= 'method.block_min_patches'")
+        lo, hi = m.block_aspect
+        _check(0 < lo <= hi, f"config key 'method.block_aspect' must satisfy 0 < lo <= hi, "
+                             f"got {m.block_aspect}")
+        from mim.masking import block_shapes, num_masked_patches
+
+        n = num_masked_patches(grid[0] * grid[1], m.mask_ratio)
+        _check(bool(block_shapes(grid, m.block_min_patches, m.block_max_patches or n,
+                                 m.block_aspect)),
+               f"config key 'method.block_min_patches': no block of {m.block_min_patches}.."
+               f"{m.block_max_patches or n} patches with aspect in {tuple(m.block_aspect)} fits "
+               f"the {grid[0]}x{grid[1]} patch grid")
+    if m.name == "maskfeat":
+        _check(m.hog_bins >= 1, f"config key 'method.hog_bins' must be >= 1, got {m.hog_bins}")
+        _check(m.hog_cell >= 1 and model.patch_size % m.hog_cell == 0,
+               f"config key 'method.hog_cell' ({m.hog_cell}) must divide 'model.patch_size' "
+               f"({model.patch_size})")
+    if m.name == "vq_tokenizer":
+        _check(m.codebook_size >= 2, "config key 'method.codebook_size' must be >= 2")
+        _check(m.code_dim >= 1, "config key 'method.code_dim' must be >= 1")
+        _check(m.code_entropy_weight >= 0, "config key 'method.code_entropy_weight' must be >= 0")
+    if m.name == "vq_tokenizer":
+        _check(m.decoder_depth >= 1, "config key 'method.decoder_depth' must be >= 1")
+        _check(m.decoder_heads >= 1 and m.decoder_dim % m.decoder_heads == 0,
+               f"config key 'method.decoder_dim' ({m.decoder_dim}) must be a multiple of "
+               f"'method.decoder_heads' ({m.decoder_heads})")
+    if m.name == "beit":
+        _check(bool(m.tokenizer), "config key 'method.tokenizer' must name a tokenizer "
+                                  "(train one with `mim tokenizer --config ...`)")
+        from mim.models.tokenizer import read_tokenizer_meta
+
+        try:
+            meta = read_tokenizer_meta(m.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key 'method.tokenizer': {e}") from None
+        tm = meta["model"]
+        _check((tm["img_size"], tm["patch_size"]) == (model.img_size, model.patch_size),
+               f"config key 'method.tokenizer': the tokenizer works on {tm['img_size']} px images "
+               f"with {tm['patch_size']} px patches, the model on {model.img_size} / "
+               f"{model.patch_size}")
+        _check(tm["in_chans"] == model.in_chans,
+               f"config key 'method.tokenizer': the tokenizer takes {tm['in_chans']} channels, "
+               f"the model {model.in_chans}")
+
+
+def _validate_finetune(cfg: Any) -> None:
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    init = cfg.init
+    _check(init == "scratch" or init.startswith("timm:") or Path(init).exists(),
+           f"config key 'init' must be 'scratch', 'timm:<name>' or an existing path, got {init!r}")
+    _check(not cfg.init_file or init.startswith("timm:"),
+           "config key 'init_file' goes with init=timm:<name> only")
+    _check(not cfg.init_file or Path(cfg.init_file).is_file(),
+           f"config key 'init_file': no such file: {cfg.init_file}")
+    _check(m.num_classes >= 0, "config key 'model.num_classes' must be >= 0")
+    _check(m.head_init_std > 0, "config key 'model.head_init_std' must be positive")
+    _check(cfg.tune.blocks >= 1, "config key 'tune.blocks' must be >= 1")
+    if cfg.tune.mode == "linear":
+        _check(m.drop_path_rate == 0 and cfg.dropout.rate == 0,
+               "tune.mode=linear freezes the encoder: 'model.drop_path_rate' and 'dropout.rate' "
+               "must be 0")
+    _check(0 < d.label_fraction <= 1,
+           f"config key 'data.label_fraction' must be in (0, 1], got {d.label_fraction}")
+    _check(bool(d.val_split), "config key 'data.val_split' must be set")
+    _check(0 <= d.reprob <= 1 and 0 <= d.hflip <= 1,
+           "config keys 'data.reprob'/'data.hflip' must be in [0, 1]")
+    _check(0 < d.eval_crop_pct <= 1, "config key 'data.eval_crop_pct' must be in (0, 1]")
+    _check(d.eval_batch_size >= 0, "config key 'data.eval_batch_size' must be >= 0")
+    _check(0 < o.layer_decay <= 1, f"config key 'optim.layer_decay' must be in (0, 1], "
+                                   f"got {o.layer_decay}")
+    _check(0 <= cfg.loss.label_smoothing < 1, "config key 'loss.label_smoothing' must be in [0, 1)")
+    _check(cfg.loss.gamma >= 0, "config key 'loss.gamma' must be >= 0")
+    _check(all(a >= 0 for a in cfg.loss.alpha), "config key 'loss.alpha' must be >= 0")
+    _check(not cfg.loss.alpha or cfg.loss.name == "focal",
+           "config key 'loss.alpha' weights the focal loss: set loss.name=focal")
+    _check(not (cfg.loss.alpha and m.num_classes and len(cfg.loss.alpha) != m.num_classes),
+           f"config key 'loss.alpha' needs one weight per class ({m.num_classes})")
+    mx = cfg.mixup
+    _check(mx.mixup_alpha >= 0 and mx.cutmix_alpha >= 0,
+           "config keys 'mixup.mixup_alpha'/'mixup.cutmix_alpha' must be >= 0")
+    _check(0 <= mx.prob <= 1 and 0 <= mx.switch_prob <= 1,
+           "config keys 'mixup.prob'/'mixup.switch_prob' must be in [0, 1]")
+    if mx.mixup_alpha > 0 or mx.cutmix_alpha > 0:
+        _check(d.batch_size % 2 == 0, "mixup/cutmix pairs images: 'data.batch_size' must be even")
+    dr = cfg.dropout
+    _check(0 <= dr.rate < 1, f"config key 'dropout.rate' must be in [0, 1), got {dr.rate}")
+    _check(dr.schedule == "constant" or 0 < dr.epochs < t.epochs,
+           f"config key 'dropout.epochs' must be in (0, train.epochs) for the "
+           f"'{dr.schedule}' schedule, got {dr.epochs}")
+    _check(t.eval_every > 0, "config key 'train.eval_every' must be positive")

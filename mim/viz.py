@@ -1,4 +1,10 @@
-"""Pictures of what a pretraining learned: original | masked | reconstruction, one row per image."""
+"""Pictures of what a pretraining learned, one row per image.
+
+Pixel methods (MAE, SimMIM): original | masked | reconstruction. Token methods: the tokenizer
+shows original | its code map | the image decoded from the codes; BEiT shows original | masked |
+the tokenizer's codes | the codes it predicts at the masked patches | those codes decoded.
+Code maps paint each code id in a fixed colour.
+"""
 
 from __future__ import annotations
 
@@ -11,29 +17,96 @@ from mim.masking import random_masking
 from mim.patching import patchify, unpatchify
 
 
-@torch.no_grad()
-def reconstruction_grid(model, images: torch.Tensor, mean, std, seed: int = 0) -> torch.Tensor:
-    """A (3, H', W') image grid for a pretrainer with ``reconstruct``; the same fixed masks at
-    every call (``seed``), so grids from different epochs compare like with like."""
-    enc = model.encoder
-    B = images.shape[0]
+def _fixed_masking(model, batch_size: int, device: torch.device, seed: int):
+    """The same masks at every call, so grids from different epochs compare like with like."""
     g = torch.Generator().manual_seed(seed)
-    masking = random_masking(B, enc.num_patches, model.mask_ratio, "cpu", generator=g)
+    if hasattr(model, "sample_mask"):  # mask-token methods take a bool mask
+        return model.sample_mask(batch_size, device, generator=g)
+    masking = random_masking(batch_size, model.encoder.num_patches, model.mask_ratio, "cpu",
+                             generator=g)
     masking.ids_keep, masking.ids_restore, masking.mask = (
-        t.to(images.device) for t in (masking.ids_keep, masking.ids_restore, masking.mask))
-    out = model(images, masking=masking)
-    pred = model.reconstruct(images, out)  # (B, L, p*p*C), normalised-image units
+        t.to(device) for t in (masking.ids_keep, masking.ids_restore, masking.mask))
+    return masking
+
+
+def _norm(mean, std, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return mean_t, std_t
+
+
+def _masked_view(images: torch.Tensor, mask: torch.Tensor, enc, mean_t, std_t) -> torch.Tensor:
     patches = patchify(images.float(), enc.patch_size)
     gray = patchify(((0.5 - mean_t) / std_t).expand_as(images).float(), enc.patch_size)
+    return unpatchify(torch.where(mask.unsqueeze(-1), gray, patches), enc.patch_size,
+                      enc.grid_size, enc.in_chans)
+
+
+@torch.no_grad()
+def reconstruction_grid(model, images: torch.Tensor, mean, std, seed: int = 0) -> torch.Tensor:
+    """A (3, H', W') image grid for a pretrainer with ``reconstruct``."""
+    enc = model.encoder
+    out = model(images, masking=_fixed_masking(model, images.shape[0], images.device, seed))
+    pred = model.reconstruct(images, out)  # (B, L, p*p*C), normalised-image units
+    mean_t, std_t = _norm(mean, std, images)
+    patches = patchify(images.float(), enc.patch_size)
     m = out.mask.unsqueeze(-1)
-    shape = (enc.patch_size, enc.grid_size, enc.in_chans)
-    masked = unpatchify(torch.where(m, gray, patches), *shape)
-    recon = unpatchify(torch.where(m, pred, patches), *shape)
+    recon = unpatchify(torch.where(m, pred, patches), enc.patch_size, enc.grid_size, enc.in_chans)
+    masked = _masked_view(images, out.mask, enc, mean_t, std_t)
     rows = torch.stack([images.float(), masked, recon], dim=1).flatten(0, 1)
     rows = (rows * std_t + mean_t).clamp(0, 1)
     return make_grid(rows.cpu(), nrow=3, padding=2, pad_value=1.0)
+
+
+def code_palette(num_codes: int) -> torch.Tensor:
+    """(num_codes, 3) fixed random colours in [0.1, 0.9]: the same code, the same colour."""
+    g = torch.Generator().manual_seed(1234)
+    return 0.1 + 0.8 * torch.rand(num_codes, 3, generator=g)
+
+
+def code_map(codes: torch.Tensor, grid_size: tuple[int, int], patch_size: int,
+             num_codes: int) -> torch.Tensor:
+    """Code ids (B, L) -> an RGB picture (B, 3, H, W) with one flat colour per patch."""
+    colours = code_palette(num_codes).to(codes.device)[codes]  # (B, L, 3)
+    gh, gw = grid_size
+    pic = colours.view(-1, gh, gw, 3).permute(0, 3, 1, 2)
+    return pic.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+
+
+@torch.no_grad()
+def token_grid(model, images: torch.Tensor, mean, std, seed: int = 0) -> torch.Tensor:
+    """A grid for the tokenizer (3 columns) or BEiT (5 columns); see the module docstring."""
+    mean_t, std_t = _norm(mean, std, images)
+    tok = model.tokenizer if hasattr(model, "tokenizer") else model
+    enc = tok.encoder
+    shape = (enc.patch_size, enc.grid_size, enc.in_chans)
+
+    def to_unit(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * std_t + mean_t).clamp(0, 1)
+
+    def codes_pic(codes: torch.Tensor) -> torch.Tensor:
+        return code_map(codes, enc.grid_size, enc.patch_size, tok.codebook_size)
+
+    if tok is model:  # the tokenizer itself
+        codes = tok.encode(images)
+        cols = [to_unit(images), codes_pic(codes), to_unit(unpatchify(tok.decode(codes), *shape))]
+    else:  # BEiT: the decoder of the tokenizer renders the predicted codes
+        out = model(images, masking=_fixed_masking(model, images.shape[0], images.device, seed))
+        pred = model.predicted_codes(out)
+        decoded = (unpatchify(tok.decode(pred), *shape) - model.tok_shift) / model.tok_scale
+        cols = [to_unit(images), to_unit(_masked_view(images, out.mask, enc, mean_t, std_t)),
+                codes_pic(out.target), codes_pic(pred), to_unit(decoded)]
+    rows = torch.stack(cols, dim=1).flatten(0, 1)
+    return make_grid(rows.cpu(), nrow=len(cols), padding=2, pad_value=1.0)
+
+
+def pretrain_grid(model, images: torch.Tensor, mean, std, seed: int = 0) -> torch.Tensor | None:
+    """The picture that fits ``model``, or None when it has nothing to show (e.g. MaskFeat)."""
+    if hasattr(model, "codebook_size") or hasattr(model, "tokenizer"):
+        return token_grid(model, images, mean, std, seed)
+    if hasattr(model, "reconstruct"):
+        return reconstruction_grid(model, images, mean, std, seed)
+    return None
 
 
 def save_grid(grid: torch.Tensor, path: Path) -> None:

@@ -6,11 +6,13 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
 from mim import build_pretrainer, load_config
+from mim.config import RunError
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
 from tests.conftest import REPO
@@ -72,7 +74,8 @@ def test_encoder_export_loads_in_timm(tiny):
     cfg = load_config(None, tiny("train.epochs=1"))
     run_dir = pretrain(cfg)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0,
-                            pretrained_cfg_overlay=dict(file=str(run_dir / "encoder.safetensors")),
+                            pretrained_cfg_overlay=dict(file=str(run_dir / "encoder.safetensors"),
+                                                        custom_load=False),
                             img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
     ours = build_pretrainer(cfg)
     ours.encoder.vit.load_state_dict(load_file(run_dir / "encoder.safetensors"))
@@ -102,9 +105,11 @@ def _write_images(folder):
 def test_folder_with_corrupt_files_is_skipped_and_counted(tiny, tmp_path):
     data = tmp_path / "imgs"
     _write_images(data)
-    cfg = load_config(None, [o for o in tiny("train.epochs=2", "data.batch_size=8")
-                             if not o.startswith("data.synthetic")] + [f"data.path={data}"])
-    run_dir = pretrain(cfg)
+    over = [o for o in tiny("train.epochs=2", "data.batch_size=8")
+            if not o.startswith("data.synthetic")] + [f"data.path={data}"]
+    with pytest.raises(RunError, match=r"unreadable images, more than data.max_bad_fraction=0.01"):
+        pretrain(load_config(None, over + ["run.name=strict"]))
+    run_dir = pretrain(load_config(None, over + ["data.max_bad_fraction=0.1"]))
     issues = [json.loads(ln) for ln in (run_dir / "data_issues.jsonl").read_text().splitlines()]
     paths = {os.path.basename(i["path"]) for i in issues}
     assert paths == {"broken.jpg", "empty.png"}
@@ -201,3 +206,26 @@ def test_two_process_cpu_run(tiny):
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["step_00000003", "step_00000006", "step_00000008"]
     assert (run_dir / "encoder.safetensors").is_file()
+
+
+def test_streaming_source_pretrains_and_resumes_exactly(tiny, tmp_path):
+    import datasets
+    from PIL import Image
+
+    imgs = [Image.new("RGB", (40, 40), (i * 5 % 255, i % 7 * 30, 90)) for i in range(96)]
+    ds = datasets.Dataset.from_dict({"image": imgs},
+                                    features=datasets.Features({"image": datasets.Image()}))
+    (tmp_path / "pq").mkdir()
+    ds.to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    base = [o for o in tiny("train.epochs=2", "optim.lr=1e-3", "train.save_every=2")
+            if not o.startswith("data.synthetic")]
+    base += [f"data.name={tmp_path / 'pq'}", "data.streaming=true"]
+    with pytest.raises(Exception, match="data.num_examples"):
+        pretrain(load_config(None, base + ["run.name=s0"]))
+    base += ["data.num_examples=96"]
+    full = pretrain(load_config(None, base + ["run.name=s1"]))
+    part = pretrain(load_config(None, base + ["run.name=s2", "train.max_steps=5"]))
+    pretrain(load_config(None, base + ["run.name=s2"]))
+    a = [r["loss"] for r in read_metrics(full / "metrics.jsonl")]
+    b = [r["loss"] for r in read_metrics(part / "metrics.jsonl")]
+    assert len(a) == len(b) == 12 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5

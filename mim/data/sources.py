@@ -129,6 +129,12 @@ class HFImageSource:
     def __len__(self) -> int:
         return len(self.ds)
 
+    def labels(self) -> list[int]:
+        if not self.label_column:
+            raise ConfigError("the dataset has no label column ('label'/'labels'); "
+                              "set 'data.label_column'")
+        return [int(v) for v in self.ds[self.label_column]]
+
     def load(self, index: int) -> tuple[Image.Image, int | None, str]:
         cell = self._images[int(index)].as_py()
         path = cell.get("path") if isinstance(cell, dict) else str(cell)
@@ -175,7 +181,10 @@ def load_local(path: str, split: str) -> Any:
     parquet = [str(f) for f in sorted(p.rglob("*.parquet"))] if p.is_dir() else (
         [str(p)] if p.suffix == ".parquet" else [])
     if parquet:
-        return datasets.load_dataset("parquet", data_files=parquet, split="train")
+        # hub layout: <split>-*.parquet files or a <split>/ folder; otherwise one split of all
+        named = [f for f in parquet if Path(f).stem == split or Path(f).name.startswith(
+                 f"{split}-") or split in Path(f).relative_to(p).parts[:-1]] if p.is_dir() else []
+        return datasets.load_dataset("parquet", data_files=named or parquet, split="train")
     if not p.is_dir():
         raise ConfigError(f"config key 'data.path': {p} is not a folder or a parquet file")
     if (p / split).is_dir():  # <path>/<split>/... layouts (train/, val/, test/)
@@ -221,6 +230,45 @@ def build_source(cfg: DataConfig, image_size: int, seed: int = 0, split: str | N
     except FileNotFoundError as e:
         raise ConfigError(f"config key 'data.name': dataset '{cfg.name}' not found ({e})") from None
     if cfg.streaming:
-        raise ConfigError("config key 'data.streaming': streaming sources are not supported yet; "
-                          "use a map-style dataset (streaming=false)")
+        return StreamingImageSource(ds, split, cfg, min_decode)
     return HFImageSource(ds, cfg.image_column, cfg.label_column, min_decode)
+
+
+class StreamingImageSource:
+    """A streaming ``datasets.IterableDataset`` (large hub sets read without a full download).
+
+    The epoch length comes from the dataset card (``info.splits``) or ``data.num_examples``.
+    """
+
+    def __init__(self, ds: Any, split: str, cfg: DataConfig,
+                 min_decode: tuple[int, int] = (0, 0)) -> None:
+        import datasets
+
+        self.min_decode = min_decode
+
+        n = cfg.num_examples
+        if not n and ds.info.splits and split in ds.info.splits:
+            n = ds.info.splits[split].num_examples or 0
+        if not n:
+            raise ConfigError("config key 'data.num_examples': the streaming dataset does not say "
+                              "how many examples it has; set data.num_examples")
+        features = ds.features or {}
+        self.image_column = cfg.image_column or next(
+            (k for k, f in features.items() if isinstance(f, datasets.Image)), "image")
+        self.label_column = cfg.label_column or ("label" if "label" in features else "")
+        if self.image_column in features and isinstance(features[self.image_column],
+                                                        datasets.Image):
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        self.ds, self.num_examples, self.classes = ds, int(n), None
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def decode(self, row: dict[str, Any], position: int) -> tuple[Image.Image, int | None, str]:
+        cell = row[self.image_column]
+        path = (cell.get("path") if isinstance(cell, dict) else None) or f"stream:{position}"
+        label = row[self.label_column] if self.label_column else None
+        try:
+            return decode_image(cell, *self.min_decode), label, path
+        except Exception as e:  # noqa: BLE001
+            raise UnreadableImage(path, f"{type(e).__name__}: {e}".splitlines()[0][:300]) from e

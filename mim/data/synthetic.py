@@ -15,9 +15,14 @@ CLASSES = ["circle", "square", "triangle", "diamond", "cross", "ring", "h-stripe
            "checker", "ellipse"]
 
 
+def _draw_label(rng: np.random.Generator) -> int:
+    """The first draw of an image's generator, so labels are known without drawing images."""
+    return int(rng.integers(len(CLASSES)))
+
+
 def synthetic_image(index: int, size: int, seed: int = 0) -> tuple[Image.Image, int]:
     rng = np.random.default_rng([seed, index])
-    label = int(rng.integers(len(CLASSES)))
+    label = _draw_label(rng)
     c0, c1, fg = (rng.integers(0, 256, 3) for _ in range(3))
     t = np.linspace(0.0, 1.0, size)[None, :, None]
     if rng.random() < 0.5:
@@ -73,6 +78,9 @@ class SyntheticShapes:
 
     def __len__(self) -> int:
         return self.size
+
+    def labels(self) -> list[int]:
+        return [_draw_label(np.random.default_rng([self.seed, i])) for i in range(self.size)]
 
     def load(self, index: int) -> tuple[Image.Image, int | None, str]:
         img, label = synthetic_image(index, self.image_size, self.seed)

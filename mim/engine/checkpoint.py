@@ -12,6 +12,7 @@ place, so a kill during the write leaves the previous checkpoint as the newest c
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -21,6 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
+
+
+class UnsafeCheckpoint(ValueError):
+    """A file that would need arbitrary unpickling (code execution) to load."""
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -84,7 +89,12 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if path.is_file():
         path = path.parent
     model_state = load_file(str(path / "model.safetensors"))
-    train_state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        train_state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(f"{path / 'state.pt'} holds pickled objects other than tensors and "
+                               f"plain values; refused without running them "
+                               f"({str(e).splitlines()[0][:200]})") from None
     version = train_state.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format version {version}, "

@@ -3,19 +3,27 @@ accounting, and the checkpoint state of a training loop."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import random
+import shutil
+import signal
 import time
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from mim.config import ConfigError, save_config
+from mim.config import ConfigError, RunError, save_config
 from mim.data.loader import sample_seed
 from mim.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mim.engine.tracking import tracker_init_kwargs
@@ -23,12 +31,10 @@ from mim.engine.tracking import tracker_init_kwargs
 
 def make_accelerator(cfg: Any) -> Accelerator:
     backend = cfg.tracking.backend
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                      log_with=None if backend == "none" else backend,
-                      project_dir=str(cfg.run_dir))
-    if cfg.data.batch_size * acc.num_processes < acc.num_processes:
-        raise ConfigError("config key 'data.batch_size' must be at least 1 per process")
-    return acc
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
+    return Accelerator(mixed_precision=cfg.train.mixed_precision,
+                       log_with=None if backend == "none" else backend,
+                       project_dir=str(cfg.run_dir), kwargs_handlers=[timeout])
 
 
 def prepare_run_dir(acc: Accelerator, cfg: Any) -> Path:
@@ -41,9 +47,91 @@ def prepare_run_dir(acc: Accelerator, cfg: Any) -> Path:
             probe.unlink()
         except OSError as e:
             raise ConfigError(f"config key 'run.output_dir': cannot write to {run_dir} ({e})")
+        RunLock.acquire(run_dir)
         save_config(cfg, run_dir / "config.yaml")
     acc.wait_for_everyone()
     return run_dir
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run>/.lock`` held for the life of the process, so a second run
+    cannot write into a live run's directory. The kernel drops it when the process dies."""
+
+    _held: dict[str, int] = {}
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> None:
+        key = str(run_dir.resolve())
+        if key in cls._held:
+            return
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"run directory {run_dir} is in use by another live run "
+                              f"(pid {owner}); choose another 'run.name'") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        cls._held[key] = fd
+
+    @classmethod
+    def release(cls, run_dir: Path) -> None:
+        fd = cls._held.pop(str(run_dir.resolve()), None)
+        if fd is not None:
+            os.close(fd)
+
+
+def check_disk_space(path: Path, model: torch.nn.Module, keep_last: int) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints (weights + 2 AdamW moments)."""
+    need = sum(p.numel() * 4 * 3 for p in model.parameters()) * (keep_last + 1)
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise ConfigError(f"config key 'run.output_dir': {free / 2**20:.0f} MiB free at {path}, "
+                          f"checkpoints need about {need / 2**20:.0f} MiB "
+                          f"({keep_last + 1} x model + optimizer state)")
+
+
+class StopRequest:
+    """SIGTERM (how clusters preempt) and SIGINT become a flag checked between updates; every
+    process agrees on the flag, saves a checkpoint and exits (status 143) before the grace period."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def agreed(self, acc: Accelerator) -> bool:
+        flag = float(self.signum is not None)
+        if acc.num_processes > 1:
+            flag = acc.reduce(torch.tensor(flag, device=acc.device), reduction="sum").item()
+        return flag > 0
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class NonFiniteGuard:
+    """Counts non-finite updates; too many in a row stop the run, leaving the last checkpoint
+    (written before the divergence) as the one to resume from."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_row, self.total = limit, 0, 0
+
+    def update(self, finite: bool, step: int) -> None:
+        if finite:
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.limit:
+            raise RunError(f"{self.in_row} non-finite updates in a row (last at update {step}); "
+                           "stopped. Resume from the last checkpoint with a lower lr, "
+                           "optim.clip_grad.mode=norm or train.mixed_precision=bf16")
 
 
 def start_tracking(acc: Accelerator, cfg: Any, run_dir: Path) -> None:
@@ -54,22 +142,29 @@ def start_tracking(acc: Accelerator, cfg: Any, run_dir: Path) -> None:
 
 
 def seed_step(seed: int, rank: int, micro_step: int) -> None:
-    """Reseed every RNG a step draws from (masks, drop path) as a pure function of its position,
-    so a resumed run repeats the uninterrupted one exactly."""
-    torch.manual_seed(sample_seed(seed, rank, micro_step, 0xC0DE))
+    """Reseed every RNG a step draws from (masks, drop path, timm's numpy-drawn mixup) as a pure
+    function of its position, so a resumed run repeats the uninterrupted one exactly."""
+    s = sample_seed(seed, rank, micro_step, 0xC0DE)
+    torch.manual_seed(s)
+    np.random.seed(s & 0xFFFFFFFF)
+    random.seed(s)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Any, lr: float, **kw: Any) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms, biases, position and class/mask tokens (timm's groups).
+    """AdamW (or ``optim.optimizer`` where the config has one); no weight decay on norms, biases,
+    position and class/mask tokens (timm's groups); ``layer_decay=`` goes through to timm.
 
-    The fused kernel (one pass over all parameters; on CPU 5-10x faster than the per-tensor or
-    foreach ones, see docs/benchmarks.md) on CUDA and CPU, foreach elsewhere, unless ``kw``
-    chooses. A fused optimizer can skip a step on the device (:func:`step_if_finite`)."""
-    device = next(model.parameters()).device.type
-    if "fused" not in kw and "foreach" not in kw:
-        kw["fused" if device in ("cuda", "cpu") else "foreach"] = True
-    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.optim.weight_decay,
-                               betas=tuple(cfg.optim.betas), **kw)
+    Adam-family optimizers use torch's fused kernel (one pass over all parameters; on CPU 5-10x
+    faster than the per-tensor or foreach ones, see docs/benchmarks.md) on CUDA and CPU, unless
+    ``kw`` chooses; a fused optimizer can also skip a step on the device (:func:`step_if_finite`).
+    """
+    name = getattr(cfg.optim, "optimizer", "adamw")
+    if "adam" in name:
+        kw.setdefault("betas", tuple(cfg.optim.betas))
+        device = next(model.parameters()).device.type
+        if name in ("adam", "adamw") and device in ("cuda", "cpu") and "foreach" not in kw:
+            kw.setdefault("fused", True)
+    return create_optimizer_v2(model, name, lr=lr, weight_decay=cfg.optim.weight_decay, **kw)
 
 
 def apply_speed_options(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
@@ -230,11 +325,12 @@ def restore_training_state(acc: Accelerator, cfg: Any, path: Path, model: torch.
 
 
 class Throughput:
-    """Images per second and the fraction of wall time spent waiting for the data loader, over a
+    """Images per second and the share of wall time spent waiting for the data loader over a
     logging window (host clock; synchronises CUDA when read)."""
 
     def __init__(self) -> None:
         self.t0, self.images, self.waited = time.perf_counter(), 0, 0.0
+        self.data_wait = 0.0  # of the window last read
 
     def add(self, n: int) -> None:
         self.images += n
@@ -246,14 +342,14 @@ class Throughput:
         self.waited += time.perf_counter() - t
         return batch
 
-    def read(self) -> dict[str, float]:
+    def read(self) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - self.t0
-        rates = {"images_per_s": self.images / dt if dt > 0 else 0.0,
-                 "data_wait": self.waited / dt if dt > 0 else 0.0}
+        rate = self.images / dt if dt > 0 else 0.0
+        self.data_wait = self.waited / dt if dt > 0 else 0.0
         self.t0, self.images, self.waited = time.perf_counter(), 0, 0.0
-        return rates
+        return rate
 
 
 def print_accounting(acc: Accelerator, rows: list[tuple[str, Any]]) -> None:
@@ -287,3 +383,23 @@ def step_if_finite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) ->
     elif not nonfinite.item():
         optimizer.step()
     return nonfinite
+
+
+def record_bad_samples(acc: Accelerator, run_dir: Path, state: LoopState, bad: list,
+                       seen: set, max_bad: int | None = None, max_fraction: float = 0.0) -> None:
+    """Count each unreadable file once and list it in data_issues.jsonl (path, error, rank);
+    more than ``max_bad`` on this process stops the run."""
+    new = [(p, err) for p, err in bad if p not in seen]
+    if not new:
+        return
+    seen.update(p for p, _ in new)
+    state.bad_samples += len(new)
+    with open(run_dir / "data_issues.jsonl", "a") as f:
+        for path, err in new:
+            f.write(json.dumps({"rank": acc.process_index, "path": path, "error": err,
+                                "step": state.step}) + "\n")
+    acc.print(f"warning: skipped unreadable image {new[0][0]} ({new[0][1]}); "
+              f"{state.bad_samples} so far, listed in data_issues.jsonl")
+    if max_bad is not None and state.bad_samples > max_bad:
+        raise RunError(f"{state.bad_samples} unreadable images, more than data.max_bad_fraction="
+                       f"{max_fraction} of the data; see {run_dir}/data_issues.jsonl")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,23 +12,33 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from mim.config import ConfigError
+from mim.config import ConfigError, RunError
 from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_transform
-from mim.engine.common import (LoopState, Throughput, apply_speed_options, build_optimizer,
-                               build_scheduler, clip_gradients, count_flops, fmt_count,
+from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, Throughput,
+                               apply_speed_options, build_optimizer, build_scheduler,
+                               check_disk_space,
+                               clip_gradients, count_flops, fmt_count,
                                make_accelerator, prepare_run_dir, print_accounting,
-                               resolve_resume, restore_training_state, save_training_state,
-                               seed_step, start_tracking, step_if_finite, write_json)
+                               record_bad_samples, resolve_resume, restore_training_state,
+                               save_training_state, seed_step, start_tracking, write_json)
 from mim.engine.checkpoint import state_dict_for_save
 from mim.engine.tracking import MetricsLog
 from mim.models import build_pretrainer
-from mim.viz import reconstruction_grid, save_grid
+from mim.viz import pretrain_grid, save_grid
 
 
 def pretrain(cfg: Any) -> Path:
     """Run (or resume) a pretraining described by ``cfg``; returns the run directory."""
     acc = make_accelerator(cfg)
     run_dir = prepare_run_dir(acc, cfg)
+    try:
+        return _pretrain(acc, cfg, run_dir)
+    finally:
+        acc.end_training()
+        RunLock.release(run_dir)
+
+
+def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
     set_seed(cfg.run.seed)
     model = build_pretrainer(cfg)
     source = build_source(cfg.data, image_size=cfg.model.img_size, seed=cfg.run.seed)
@@ -48,6 +58,8 @@ def pretrain(cfg: Any) -> Path:
     lr = cfg.optim.lr or cfg.optim.base_lr * global_batch / 256
     flops = count_flops(model, torch.zeros(2, cfg.model.in_chans, cfg.model.img_size,
                                            cfg.model.img_size))
+    if acc.is_main_process:
+        check_disk_space(run_dir, model, cfg.train.keep_last)
     model = apply_speed_options(model.to(acc.device), cfg)
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, total_updates, updates_per_epoch)
@@ -78,112 +90,137 @@ def pretrain(cfg: Any) -> Path:
     vis_images = _vis_batch(cfg, source)
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
             "global_batch": global_batch, "flops_per_image": flops}
-    seen_bad: set[str] = set()
-
-    stopped = False
-    while state.epoch < cfg.train.epochs and not stopped:
-        stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state, metrics,
-                                  run_dir, meta, seen_bad)
-        if not stopped:
-            last = state.epoch == cfg.train.epochs - 1
-            every = cfg.train.vis_every
-            if acc.is_main_process and ((every and (state.epoch + 1) % every == 0) or last):
-                _save_vis(acc, cfg, model, vis_images, run_dir, state.epoch + 1)
-            state.epoch += 1
-            state.update_in_epoch = 0
+    guards = Guards(seen_bad=set(), max_bad=int(d.max_bad_fraction * len(source)
+                                                / acc.num_processes),
+                    max_bad_fraction=d.max_bad_fraction,
+                    nonfinite=NonFiniteGuard(cfg.train.max_nonfinite), stop=StopRequest())
+    try:
+        stopped = _train(acc, cfg, model, optimizer, scheduler, loader, state, metrics, run_dir,
+                         meta, guards, vis_images)
+    finally:
+        guards.stop.restore()
+    if stopped == "signal":
+        save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+        acc.print(f"interrupted by signal {guards.stop.signum} at update {state.step}; checkpoint "
+                  "saved, resume with run.resume=auto")
+        raise SystemExit(143)
     save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
     if acc.is_main_process and state.epoch >= cfg.train.epochs:
         export_encoder(acc.unwrap_model(model), run_dir / "encoder.safetensors")
         write_json(run_dir / "summary.json", {"updates": state.step, "epochs": state.epoch,
                                               "images_seen": state.images_seen,
-                                              "bad_samples": state.bad_samples, **meta})
+                                              "bad_samples": state.bad_samples,
+                                              "nonfinite_updates": guards.nonfinite.total, **meta})
         acc.print(f"done: {state.step} updates. Results in {run_dir}/ "
                   "(config.yaml, metrics.jsonl, checkpoints/, encoder.safetensors, recon_*.png)")
     elif acc.is_main_process:
         acc.print(f"stopped at update {state.step} (train.max_steps); resume with run.resume=auto")
-    acc.end_training()
     return run_dir
 
 
+@dataclass
+class Guards:
+    seen_bad: set[str]
+    max_bad: int
+    max_bad_fraction: float
+    nonfinite: NonFiniteGuard
+    stop: StopRequest
+
+
+def _train(acc, cfg, model, optimizer, scheduler, loader, state: LoopState, metrics: MetricsLog,
+           run_dir: Path, meta: dict, guards: Guards, vis_images: torch.Tensor) -> str | None:
+    """Epochs from ``state`` to the end; returns why it stopped early ('max_steps', 'signal')."""
+    while state.epoch < cfg.train.epochs:
+        stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state, metrics,
+                                  run_dir, meta, guards)
+        if stopped:
+            return stopped
+        last = state.epoch == cfg.train.epochs - 1
+        every = cfg.train.vis_every
+        if acc.is_main_process and ((every and (state.epoch + 1) % every == 0) or last):
+            _save_vis(acc, cfg, model, vis_images, run_dir, state.epoch + 1)
+        state.epoch += 1
+        state.update_in_epoch = 0
+    return None
+
+
 def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopState,
-                    metrics: MetricsLog, run_dir: Path, meta: dict, seen_bad: set) -> bool:
-    """One epoch of updates from ``state.update_in_epoch``; True when ``train.max_steps`` hit."""
+                    metrics: MetricsLog, run_dir: Path, meta: dict, guards: Guards) -> str | None:
+    """One epoch of updates from ``state.update_in_epoch``; the reason if it stopped early."""
     t, accum = cfg.train, cfg.train.grad_accum_steps
     updates = meta["updates_per_epoch"]
     batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
     params = [p for p in model.parameters() if p.requires_grad]
     speed, loss_sum, n_sum = Throughput(), torch.zeros((), device=acc.device), 0
-    skipped = torch.zeros((), device=acc.device)
+    extra_sums: dict[str, torch.Tensor] = {}  # a model's optional PretrainOutput.metrics
     bar = tqdm(total=updates, initial=state.update_in_epoch, desc=f"epoch {state.epoch}",
                disable=not acc.is_local_main_process, leave=False, dynamic_ncols=True)
     while state.update_in_epoch < updates:
         if t.max_steps and state.step >= t.max_steps:
-            _count_skipped(acc, state, skipped)
             bar.close()
-            return True
+            return "max_steps"
+        if guards.stop.agreed(acc):
+            bar.close()
+            return "signal"
         scheduler.step_update(state.step)
+        update_loss = torch.zeros((), device=acc.device)
+        update_metrics: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             batch = speed.wait_for(batches)
-            _record_bad(acc, run_dir, state, batch["bad"], seen_bad)
+            record_bad_samples(acc, run_dir, state, batch["bad"], guards.seen_bad,
+                               guards.max_bad, guards.max_bad_fraction)
             images = batch["image"].to(acc.device, non_blocking=True)
             seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
             sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
             with sync:
                 with acc.autocast():
-                    loss = model(images).loss
+                    out = model(images)
+                    loss = out.loss
                 acc.backward(loss / accum)
-            loss_sum += loss.detach()
-            n_sum += 1
+            update_loss += loss.detach() / accum
+            for k, v in out.metrics.items():  # every process makes the same keys, counted or not
+                update_metrics[k] = update_metrics.get(k, 0.0) + v.detach().float() / accum
+                extra_sums.setdefault(k, torch.zeros((), device=acc.device))
             speed.add(images.shape[0] * acc.num_processes)
         grad_norm = clip_gradients(acc, params, cfg.optim.clip_grad)
-        skipped += step_if_finite(optimizer, grad_norm)  # read at the next log: no sync here
+        # grad_norm is the same on every process (after the all-reduce): it decides the step
+        finite, loss_ok = torch.isfinite(torch.stack([grad_norm.detach().float().reshape(()),
+                                                      update_loss.float()])).tolist()
+        if finite and loss_ok:
+            loss_sum += update_loss
+            n_sum += 1
+            for k, v in update_metrics.items():
+                extra_sums[k] += v
+        if finite or acc.scaler is not None:  # fp16: the loss scaler skips and rescales itself
+            optimizer.step()
+        if not finite:
+            acc.print(f"warning: non-finite loss or gradient at update {state.step}; skipped")
+        guards.nonfinite.update(finite, state.step)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.update_in_epoch += 1
         state.images_seen += meta["global_batch"]
         bar.update(1)
         if state.step % t.log_every == 0 or state.update_in_epoch == updates:
-            _count_skipped(acc, state, skipped)
-            loss_avg = acc.reduce(loss_sum / max(n_sum, 1), reduction="mean").item()
+            total = acc.reduce(torch.stack([loss_sum, torch.tensor(float(n_sum), device=acc.device)]),
+                               reduction="sum")
+            loss_avg = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
             rec = {"step": state.step, "epoch": state.epoch + state.update_in_epoch / updates,
                    "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"],
-                   "grad_norm": float(grad_norm), **speed.read(),
-                   "bad_samples": state.bad_samples}
+                   "grad_norm": float(grad_norm), "images_per_s": speed.read(),
+                   "data_wait": speed.data_wait, "bad_samples": state.bad_samples}
+            for k, v in extra_sums.items():  # averaged like the loss: over every counted update
+                rec[k] = (acc.reduce(v, reduction="sum") / total[1].clamp_min(1)).item()
+            extra_sums.clear()
             metrics.write(rec)
             acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=state.step)
             bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{rec['lr']:.2e}")
             loss_sum.zero_()
             n_sum = 0
-        if state.step % t.save_every == 0:
-            _count_skipped(acc, state, skipped)
+        if state.step % t.save_every == 0 and guards.nonfinite.in_row == 0:
             save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
     bar.close()
     return False
-
-
-def _count_skipped(acc, state: LoopState, skipped: torch.Tensor) -> None:
-    """Move the on-device count of skipped (non-finite) updates into the loop state and warn."""
-    n = int(skipped.item())
-    if n:
-        state.extra["skipped_nonfinite"] = state.extra.get("skipped_nonfinite", 0) + n
-        acc.print(f"warning: non-finite gradient in {n} update(s) up to update {state.step}; "
-                  "those updates were skipped")
-        skipped.zero_()
-
-
-def _record_bad(acc, run_dir: Path, state: LoopState, bad: list, seen: set) -> None:
-    """Count each unreadable file once and list it in data_issues.jsonl (path, error, rank)."""
-    new = [(p, err) for p, err in bad if p not in seen]
-    if not new:
-        return
-    seen.update(p for p, _ in new)
-    state.bad_samples += len(new)
-    with open(run_dir / "data_issues.jsonl", "a") as f:
-        for path, err in new:
-            f.write(json.dumps({"rank": acc.process_index, "path": path, "error": err,
-                                "step": state.step}) + "\n")
-    acc.print(f"warning: skipped unreadable image {new[0][0]} ({new[0][1]}); "
-              f"{state.bad_samples} so far, listed in data_issues.jsonl")
 
 
 def _vis_batch(cfg: Any, source: Any) -> torch.Tensor:
@@ -199,12 +236,14 @@ def _vis_batch(cfg: Any, source: Any) -> torch.Tensor:
 
 def _save_vis(acc, cfg, model, images: torch.Tensor, run_dir: Path, epoch: int) -> None:
     net = acc.unwrap_model(model)
-    if not len(images) or not hasattr(net, "reconstruct"):
+    if not len(images):
         return
     net.eval()
     with acc.autocast():
-        grid = reconstruction_grid(net, images.to(acc.device), cfg.data.mean, cfg.data.std)
+        grid = pretrain_grid(net, images.to(acc.device), cfg.data.mean, cfg.data.std)
     net.train()
+    if grid is None:
+        return
     path = run_dir / f"recon_epoch{epoch:04d}.png"
     save_grid(grid, path)
     for tracker in acc.trackers:

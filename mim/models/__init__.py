@@ -6,8 +6,12 @@ from typing import Any, Callable
 
 from torch import nn
 
+from mim.models.beit import BEiT
 from mim.models.encoder import MaskedEncoder, create_encoder, create_vit
 from mim.models.mae import MAE, PretrainOutput
+from mim.models.maskfeat import MaskFeat
+from mim.models.simmim import SimMIM
+from mim.models.tokenizer import VQTokenizer
 
 _METHODS: dict[str, Callable[[Any], nn.Module]] = {}
 
@@ -33,10 +37,16 @@ def _build_mae(cfg: Any) -> nn.Module:
                decoder_heads=m.decoder_heads)
 
 
+register_method("simmim")(SimMIM.from_config)
+register_method("maskfeat")(MaskFeat.from_config)
+register_method("beit")(BEiT.from_config)
+register_method("vq_tokenizer")(VQTokenizer.from_config)
+
+
 def build_pretrainer(cfg: Any) -> nn.Module:
     """The pretraining model for ``cfg.method.name``: ``forward(images) -> PretrainOutput``."""
     return _METHODS[cfg.method.name](cfg)
 
 
-__all__ = ["MAE", "MaskedEncoder", "PretrainOutput", "build_pretrainer", "create_encoder",
-           "create_vit", "list_methods", "register_method"]
+__all__ = ["BEiT", "MAE", "MaskFeat", "MaskedEncoder", "PretrainOutput", "SimMIM", "VQTokenizer",
+           "build_pretrainer", "create_encoder", "create_vit", "list_methods", "register_method"]

@@ -7,25 +7,30 @@ every patch. The loss counts the masked patches only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mim.losses import masked_mse_loss, pixel_targets
+from mim.losses import denormalize_patch_pixels, masked_mse_loss, pixel_targets
 from mim.masking import RandomMask, gather_tokens, random_masking
 from mim.models.encoder import MaskedEncoder, sincos_pos_embed
 
 
 @dataclass
 class PretrainOutput:
-    """loss: scalar; pred: (B, L, p*p*C); mask: (B, L) bool, True = masked; target like pred."""
+    """loss: scalar; pred: (B, L, p*p*C); mask: (B, L) bool, True = masked; target like pred.
+
+    metrics: optional extra scalar tensors (e.g. codebook usage); the engine averages them over
+    each logging window and writes them beside the loss.
+    """
 
     loss: torch.Tensor
     pred: torch.Tensor
     mask: torch.Tensor
     target: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MAEDecoder(nn.Module):
@@ -88,13 +93,9 @@ class MAE(nn.Module):
     def reconstruct(self, images: torch.Tensor, out: PretrainOutput) -> torch.Tensor:
         """Predicted pixels (B, L, p*p*C) in the input's units: a norm-pix prediction is mapped
         back with each patch's own mean and variance (taken from the input)."""
-        pred = out.pred.float()
         if self.norm_pix_loss:
-            raw = pixel_targets(images, self.encoder.patch_size, norm_pix=False)
-            mean = raw.mean(dim=-1, keepdim=True)
-            std = (raw.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
-            pred = pred * std + mean
-        return pred
+            return denormalize_patch_pixels(out.pred, images, self.encoder.patch_size)
+        return out.pred.float()
 
 
 def _init_mae_weights(m: nn.Module) -> None:

@@ -1,0 +1,63 @@
+"""Labels of a source: class names, and the class-stratified subset that ``data.label_fraction``
+fine-tunes on (the semi-supervised protocol of few-label evaluations, e.g. 1% / 10%)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mim.config import ConfigError
+from mim.data.loader import sample_seed
+
+
+def source_labels(source: Any) -> list[int]:
+    if not hasattr(source, "labels"):
+        raise ConfigError(f"the data source {type(source).__name__} has no labels")
+    return source.labels()
+
+
+def class_names(source: Any, num_classes: int) -> list[str]:
+    names = getattr(source, "classes", None)
+    if names and len(names) == num_classes:
+        return [str(n) for n in names]
+    return [str(i) for i in range(num_classes)]
+
+
+def stratified_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
+    """Sorted indices of ``round(fraction * n_c)`` (at least 1) samples of every class ``c``.
+
+    Each class draws from its own generator seeded by ``(seed, c)``: the same seed gives the same
+    subset, whatever the other classes hold.
+    """
+    if fraction >= 1.0:
+        return list(range(len(labels)))
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    chosen: list[int] = []
+    for c, idx in sorted(by_class.items()):
+        k = max(1, int(round(fraction * len(idx))))
+        g = torch.Generator().manual_seed(sample_seed(seed, c, 0x1ABE1))
+        pick = torch.randperm(len(idx), generator=g)[:k].tolist()
+        chosen += [idx[j] for j in pick]
+    return sorted(chosen)
+
+
+class SubsetSource:
+    """The samples ``indices`` of ``source``, renumbered 0..len-1 (labels and classes kept)."""
+
+    def __init__(self, source: Any, indices: list[int]) -> None:
+        self.source, self.indices = source, list(indices)
+        self.classes = getattr(source, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def labels(self) -> list[int]:
+        all_labels = source_labels(self.source)
+        return [all_labels[i] for i in self.indices]
+
+    def load(self, index: int) -> tuple[Image.Image, int | None, str]:
+        return self.source.load(self.indices[index])

@@ -1,0 +1,276 @@
+"""Fine-tuning a ViT classifier: wiring (``finetune``) and the loop (``train_one_epoch``).
+
+Evaluation, the best checkpoint and re-evaluation of a finished run live in
+:mod:`mim.engine.evaluate`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate.utils import set_seed
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from tqdm.auto import tqdm
+
+from mim.config import ConfigError
+from mim.data import EpochLoader, build_epoch_loader, build_source, eval_transform
+from mim.data.labels import SubsetSource, class_names, source_labels, stratified_subset
+from mim.data.transforms import finetune_transform
+from mim.engine.common import (LoopState, Throughput, build_optimizer, build_scheduler,
+                               clip_gradients, count_flops, fmt_count, is_finite,
+                               make_accelerator, prepare_run_dir, print_accounting,
+                               record_bad_samples, resolve_resume, restore_training_state,
+                               save_training_state, seed_step, start_tracking)
+from mim.engine.evaluate import BestKeeper, evaluate, log_eval, write_finetune_summary
+from mim.engine.tracking import MetricsLog
+from mim.losses import softmax_focal_loss
+from mim.models.classifier import DropoutSchedule, build_classifier
+
+
+@dataclass
+class ClassificationData:
+    train: EpochLoader
+    val: EpochLoader
+    num_classes: int
+    class_names: list[str]
+    train_images: int  # after label_fraction
+    all_train_images: int
+    val_images: int
+
+
+def build_classification_data(cfg: Any, rank: int, world_size: int) -> ClassificationData:
+    """Training loader on a class-stratified ``label_fraction`` and a validation loader that
+    shards the ``val_split`` exactly (no padding, no repeated sample)."""
+    d, m = cfg.data, cfg.model
+    full = build_source(d, image_size=m.img_size, seed=cfg.run.seed)
+    labels = source_labels(full)
+    num_classes = m.num_classes or len(getattr(full, "classes", None) or []) or max(labels) + 1
+    if min(labels) < 0 or max(labels) >= num_classes:
+        raise ConfigError(f"training labels span [{min(labels)}, {max(labels)}] but "
+                          f"'model.num_classes' is {num_classes}")
+    keep = stratified_subset(labels, d.label_fraction, cfg.run.seed)
+    train = full if len(keep) == len(full) else SubsetSource(full, keep)
+    val = build_source(d, image_size=m.img_size, seed=cfg.run.seed, split=d.val_split)
+    _check_val_split(d, full, val)
+    val_labels = source_labels(val)
+    if val_labels and (min(val_labels) < 0 or max(val_labels) >= num_classes):
+        raise ConfigError(f"'{d.val_split}' labels span [{min(val_labels)}, {max(val_labels)}], "
+                          f"outside the {num_classes} training classes")
+    common = dict(num_workers=d.num_workers, rank=rank, world_size=world_size, seed=cfg.run.seed,
+                  pin_memory=torch.cuda.is_available())
+    train_loader = build_epoch_loader(
+        train, finetune_transform(m.img_size, d.crop_scale, d.mean, d.std, d.hflip,
+                                  d.auto_augment, d.reprob),
+        batch_size=d.batch_size, **common)
+    val_loader = build_epoch_loader(
+        val, eval_transform(m.img_size, d.mean, d.std, crop_pct=d.eval_crop_pct),
+        batch_size=d.eval_batch_size or d.batch_size, shuffle=False, drop_last=False, **common)
+    return ClassificationData(train_loader, val_loader, num_classes,
+                              class_names(full, num_classes), len(train), len(full), len(val))
+
+
+def _check_val_split(d: Any, train: Any, val: Any) -> None:
+    """A local folder without the validation split would silently score the training images."""
+    if d.path and Path(d.path).is_dir() and not any(
+            (Path(d.path) / f).exists() for f in ("dataset_dict.json", d.val_split)) \
+            and not any(f.stem == d.val_split or f.name.startswith(f"{d.val_split}-")
+                        for f in Path(d.path).rglob("*.parquet")):
+        raise ConfigError(f"config key 'data.val_split': {d.path} has no '{d.val_split}' split "
+                          f"(a {d.val_split}/ folder or {d.val_split}-*.parquet files); the "
+                          "validation images must not be the training images")
+    names_train, names_val = getattr(train, "classes", None), getattr(val, "classes", None)
+    if names_train and names_val and list(names_train) != list(names_val):
+        raise ConfigError(f"config key 'data.val_split': its classes {list(names_val)[:5]}... "
+                          f"differ from the training split's {list(names_train)[:5]}...")
+
+
+def build_mixup(cfg: Any, num_classes: int) -> Mixup | None:
+    mx = cfg.mixup
+    if mx.mixup_alpha <= 0 and mx.cutmix_alpha <= 0:
+        return None
+    return Mixup(mixup_alpha=mx.mixup_alpha, cutmix_alpha=mx.cutmix_alpha, prob=mx.prob,
+                 switch_prob=mx.switch_prob, mode=mx.mode,
+                 label_smoothing=cfg.loss.label_smoothing, num_classes=num_classes)
+
+
+def build_train_loss(cfg: Any, num_classes: int, mixup: bool) -> Callable:
+    """Focal, soft-target CE (mixup's targets carry the smoothing), smoothed CE, or plain CE."""
+    loss = cfg.loss
+    if loss.alpha and len(loss.alpha) != num_classes:
+        raise ConfigError(f"config key 'loss.alpha' needs one weight per class ({num_classes}), "
+                          f"got {len(loss.alpha)}")
+    if loss.name == "focal":
+        alpha = torch.tensor(loss.alpha) if loss.alpha else None
+        return partial(softmax_focal_loss, gamma=loss.gamma, alpha=alpha,
+                       label_smoothing=0.0 if mixup else loss.label_smoothing)
+    if mixup:
+        return SoftTargetCrossEntropy()
+    if loss.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=loss.label_smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def finetune(cfg: Any) -> Path:
+    """Run (or resume) the fine-tuning described by ``cfg``; returns the run directory."""
+    acc = make_accelerator(cfg)
+    run_dir = prepare_run_dir(acc, cfg)
+    set_seed(cfg.run.seed)
+    data = build_classification_data(cfg, acc.process_index, acc.num_processes)
+    model, init_report = build_classifier(cfg, data.num_classes)
+    for line in init_report.lines():
+        acc.print(line)
+    d, o, accum = cfg.data, cfg.optim, cfg.train.grad_accum_steps
+    updates_per_epoch = data.train.batches_per_epoch // accum
+    if updates_per_epoch == 0:
+        raise ConfigError(f"{data.train_images} training images are fewer than one global batch "
+                          f"({d.batch_size} x {acc.num_processes} processes x {accum} accumulation)"
+                          "; lower 'data.batch_size' or raise 'data.label_fraction'")
+    total_updates = cfg.train.epochs * updates_per_epoch
+    global_batch = d.batch_size * acc.num_processes * accum
+    lr = o.lr or o.base_lr * global_batch / 256
+    mixup = build_mixup(cfg, data.num_classes)
+    criterion = build_train_loss(cfg, data.num_classes, mixup is not None)
+    size = cfg.model.img_size
+    flops = count_flops(model, torch.zeros(2, cfg.model.in_chans, size, size))
+    for m in model.modules():  # the FLOP count's forward must not leave BatchNorm statistics
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+    optimizer = build_optimizer(model, cfg, lr,
+                                **({"layer_decay": o.layer_decay} if o.layer_decay < 1 else {}))
+    scheduler = build_scheduler(optimizer, cfg, total_updates, updates_per_epoch)
+    dropout = DropoutSchedule(model, cfg.dropout.schedule, cfg.dropout.epochs)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print_accounting(acc, [
+        ("run directory", run_dir), ("init", f"{cfg.init} ({init_report.kind})"),
+        ("model", f"{cfg.model.arch}, {size} px, patch {cfg.model.patch_size}, "
+                  f"pool {cfg.model.global_pool}"),
+        ("tune", cfg.tune.mode + (f" (last {cfg.tune.blocks} blocks)"
+                                  if cfg.tune.mode == "partial" else "")),
+        ("train images", f"{data.train_images} of {data.all_train_images} "
+                         f"(label_fraction {d.label_fraction:g}, stratified)"),
+        ("val images", f"{data.val_images} ('{d.val_split}' split)"),
+        ("classes", data.num_classes), ("per-device batch", d.batch_size),
+        ("devices", f"{acc.num_processes} ({acc.device.type})"), ("accumulation", accum),
+        ("global batch", global_batch), ("iterations / epoch", data.train.batches_per_epoch),
+        ("updates / epoch", updates_per_epoch), ("total updates", total_updates),
+        ("lr", f"{lr:.3g} (base_lr {o.base_lr:g} x {global_batch} / 256)" if not o.lr
+         else f"{lr:.3g}"),
+        ("optimizer", f"{o.optimizer}, layer decay {o.layer_decay:g}, wd {o.weight_decay:g}"),
+        ("loss", f"{cfg.loss.name}, label smoothing {cfg.loss.label_smoothing:g}"
+                 + (", mixup/cutmix" if mixup else "")),
+        ("dropout", f"{cfg.dropout.rate:g}, drop path {cfg.model.drop_path_rate:g}, "
+                    f"{cfg.dropout.schedule}" + (f" (E={cfg.dropout.epochs})"
+                                                 if cfg.dropout.schedule != "constant" else "")),
+        ("parameters", f"{fmt_count(total)} ({fmt_count(trainable)} trainable)"),
+        ("FLOPs / image", f"{fmt_count(flops)} forward"),
+    ])
+    model, optimizer = acc.prepare(model, optimizer)
+    state = LoopState()
+    resume_from = resolve_resume(cfg, run_dir)
+    if resume_from is not None:
+        state = restore_training_state(acc, resume_from, model, optimizer, scheduler)
+        acc.print(f"resumed from {resume_from} at update {state.step}, epoch {state.epoch}")
+    start_tracking(acc, cfg, run_dir)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
+                         state.step if resume_from is not None else None)
+    best = BestKeeper(run_dir, cfg.train.best_metric, state.extra.get("best"))
+    meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
+            "global_batch": global_batch, "flops_per_image": flops, "lr": lr,
+            "num_classes": data.num_classes, "class_names": data.class_names,
+            "train_images": data.train_images, "val_images": data.val_images,
+            "init": init_report.to_dict()}
+    last_eval: dict[str, Any] = state.extra.get("last_eval", {})
+    seen_bad: set[str] = set()
+    stopped = False
+    while state.epoch < cfg.train.epochs and not stopped:
+        meta["dropout_scale"] = dropout.set_epoch(state.epoch)
+        stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, data.train, state,
+                                  metrics, run_dir, meta, mixup, criterion, seen_bad)
+        if stopped:
+            break
+        epoch = state.epoch + 1
+        if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+            result, confusion = evaluate(acc, model, data.val, data.num_classes)
+            last_eval = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+            improved = best.update(acc, result, confusion, epoch, state.step, model, meta)
+            log_eval(acc, metrics, result, confusion, state.step, epoch, best, improved,
+                     data.class_names, run_dir)
+        state.epoch, state.update_in_epoch = epoch, 0
+        state.extra.update(best=best.record, last_eval=last_eval)
+        save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+    if stopped:
+        save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+        acc.print(f"stopped at update {state.step} (train.max_steps); resume with run.resume=auto")
+    elif acc.is_main_process:
+        write_finetune_summary(acc, cfg, model, run_dir, state, best, last_eval, meta)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return run_dir
+
+
+def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, state: LoopState,
+                    metrics: MetricsLog, run_dir: Path, meta: dict, mixup: Mixup | None,
+                    criterion: Callable, seen_bad: set) -> bool:
+    """One epoch of updates from ``state.update_in_epoch``; True when ``train.max_steps`` hit."""
+    t, accum = cfg.train, cfg.train.grad_accum_steps
+    updates = meta["updates_per_epoch"]
+    batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
+    params = [p for p in model.parameters() if p.requires_grad]
+    speed, loss_sum, n_sum = Throughput(), torch.zeros((), device=acc.device), 0
+    model.train()
+    bar = tqdm(total=updates, initial=state.update_in_epoch, desc=f"epoch {state.epoch}",
+               disable=not acc.is_local_main_process, leave=False, dynamic_ncols=True)
+    while state.update_in_epoch < updates:
+        if t.max_steps and state.step >= t.max_steps:
+            bar.close()
+            return True
+        scheduler.step_update(state.step)
+        for micro in range(accum):
+            batch = next(batches)
+            record_bad_samples(acc, run_dir, state, batch["bad"], seen_bad)
+            images = batch["image"].to(acc.device, non_blocking=True)
+            targets = batch["label"].to(acc.device, non_blocking=True)
+            seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
+            with sync:
+                with acc.autocast():
+                    loss = criterion(model(images), targets)
+                acc.backward(loss / accum)
+            loss_sum += loss.detach().float()
+            n_sum += 1
+            speed.add(images.shape[0] * acc.num_processes)
+        grad_norm = clip_gradients(acc, params, cfg.optim.clip_grad)
+        if is_finite(grad_norm):
+            optimizer.step()
+        else:
+            state.extra["skipped_nonfinite"] = state.extra.get("skipped_nonfinite", 0) + 1
+            acc.print(f"warning: non-finite gradient at update {state.step}; update skipped")
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.update_in_epoch += 1
+        state.images_seen += meta["global_batch"]
+        bar.update(1)
+        if state.step % t.log_every == 0 or state.update_in_epoch == updates:
+            loss_avg = acc.reduce(loss_sum / max(n_sum, 1), reduction="mean").item()
+            rec = {"step": state.step, "epoch": state.epoch + state.update_in_epoch / updates,
+                   "loss": loss_avg, "lr": max(g["lr"] for g in optimizer.param_groups),
+                   "grad_norm": float(grad_norm), "images_per_s": speed.read(),
+                   "dropout_scale": meta["dropout_scale"], "bad_samples": state.bad_samples}
+            metrics.write(rec)
+            acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=state.step)
+            bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{rec['lr']:.2e}")
+            loss_sum.zero_()
+            n_sum = 0
+        if state.step % t.save_every == 0:
+            save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+    bar.close()
+    return False

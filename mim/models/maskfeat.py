@@ -1,0 +1,44 @@
+"""MaskFeat (Wei et al. 2021, arXiv 2112.09133): predict the HOG features of the masked patches.
+
+The target is computed on the fly from the (augmented) input, on the same device, by
+:func:`mim.hog.hog_patch_targets`; a linear head maps each patch token to its HOG vector and the
+loss is the mean squared error over the masked patches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mim.hog import hog_dim, hog_patch_targets
+from mim.losses import masked_mse_loss
+from mim.models.encoder import MaskedEncoder, create_encoder
+from mim.models.mae import PretrainOutput
+from mim.models.masked_prediction import MaskedPredictionModel, init_head, masking_kwargs
+
+
+class MaskFeat(MaskedPredictionModel):
+    def __init__(self, encoder: MaskedEncoder, hog_cell: int = 8, hog_bins: int = 9,
+                 **masking: Any) -> None:
+        super().__init__(encoder, **masking)
+        self.hog_cell, self.hog_bins = hog_cell, hog_bins
+        out_dim = hog_dim(encoder.patch_size, hog_cell, hog_bins, encoder.in_chans)
+        self.head = init_head(nn.Linear(encoder.embed_dim, out_dim))
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> MaskFeat:
+        m = cfg.method
+        return cls(create_encoder(cfg.model, use_mask_token=True), hog_cell=m.hog_cell,
+                   hog_bins=m.hog_bins, **masking_kwargs(m))
+
+    def forward(self, images: torch.Tensor, masking: torch.Tensor | None = None) -> PretrainOutput:
+        """images (B, C, H, W); masking: an optional bool (B, L) mask, True = masked."""
+        mask = self.sample_mask(images.shape[0], images.device) if masking is None else masking
+        pred = self.head(self.encode_patches(images, mask))  # (B, L, HOG dim)
+        with torch.no_grad():
+            target = hog_patch_targets(images, self.encoder.patch_size, self.hog_cell,
+                                       self.hog_bins)
+        loss = masked_mse_loss(pred, target, mask)
+        return PretrainOutput(loss=loss, pred=pred, mask=mask, target=target)
