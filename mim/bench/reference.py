@@ -19,6 +19,10 @@ def reference_config(model: nn.Module) -> Any:
     """A ``transformers.ViTMAEConfig`` matching ``model`` (a mim MAE), read off the built model."""
     from transformers import ViTMAEConfig
 
+    from mim.models import MAE
+
+    if not isinstance(model, MAE):
+        raise NotComparable(f"the reference is an MAE; this model is a {type(model).__name__}")
     vit = model.encoder.vit
     block = vit.blocks[0]
     dec = model.decoder

@@ -91,9 +91,12 @@ def describe(cfg: Any) -> str:
     from mim.models import create_vit
 
     vit, m = create_vit(cfg.model), cfg.method
-    return (f"{cfg.model.arch} (dim {vit.embed_dim}, depth {len(vit.blocks)}, heads "
-            f"{vit.blocks[0].attn.num_heads}) at {cfg.model.img_size} px, patch "
-            f"{cfg.model.patch_size}; decoder dim {m.decoder_dim}, depth {m.decoder_depth}, heads "
+    enc = (f"{m.name}: {cfg.model.arch} (dim {vit.embed_dim}, depth {len(vit.blocks)}, heads "
+           f"{vit.blocks[0].attn.num_heads}) at {cfg.model.img_size} px, patch "
+           f"{cfg.model.patch_size}")
+    if m.name != "mae":
+        return f"{enc}; mask {m.mask_ratio}"
+    return (f"{enc}; decoder dim {m.decoder_dim}, depth {m.decoder_depth}, heads "
             f"{m.decoder_heads}; mask {m.mask_ratio}, norm_pix {m.norm_pix_loss}")
 
 

@@ -8,6 +8,7 @@ skip and count it instead of crashing the run.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -204,18 +205,23 @@ def load_local(path: str, split: str) -> Any:
     return datasets.Dataset.from_dict(table, features=datasets.Features(features))
 
 
-def min_decode_size(image_size: int, min_crop_scale: float) -> tuple[int, int]:
+def min_decode_size(image_size: int, min_crop_scale: float,
+                    eval_crop_pct: float = 1.0) -> tuple[int, int]:
     """(short side, area) a decoded image needs so that every crop RandomResizedCrop can draw
     (area fraction >= ``min_crop_scale``, aspect ratio within 3/4..4/3) still has at least
-    ``image_size`` pixels on each side: a reduced-size decode then never upsamples a crop that
-    the full-size decode would not have."""
-    return image_size, int(image_size * image_size / (min_crop_scale * 0.75)) + 1
+    ``image_size`` pixels on each side, and the evaluation view (short side resized to
+    ``image_size / eval_crop_pct``) is never upsampled: a reduced-size decode then never
+    upsamples what the full-size decode would not have."""
+    side = max(image_size, math.ceil(image_size / eval_crop_pct))
+    return side, int(image_size * image_size / (min_crop_scale * 0.75)) + 1
 
 
 def build_source(cfg: DataConfig, image_size: int, seed: int = 0, split: str | None = None):
     """The image source the config names, for ``split`` (default ``cfg.split``)."""
     split = split or cfg.split
-    min_decode = min_decode_size(image_size, cfg.crop_scale[0]) if cfg.reduced_decode else (0, 0)
+    min_decode = (min_decode_size(image_size, cfg.crop_scale[0],
+                                  getattr(cfg, "eval_crop_pct", 1.0))
+                  if cfg.reduced_decode else (0, 0))
     if cfg.synthetic:
         n = cfg.synthetic_size if split == cfg.split else max(cfg.synthetic_size // 4, 64)
         # Other splits draw from a disjoint seed so train and validation never share images.
