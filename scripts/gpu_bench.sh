@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark, one prepared run for a bare 1x H100 / H200 machine (about 6-9 minutes).
+# The GPU benchmark, one prepared run for a bare 1x H100 / H200 machine (at most about 9 minutes).
 #
 #   bash scripts/gpu_wheels.sh          # here, once: the packages the GPU image lacks, into .whl/
 #   bash scripts/gpu_bench.sh           # there, from the repository root; carry .whl along
@@ -47,9 +47,9 @@ run_part() {  # name, timeout seconds, command...
     [ $rc -eq 0 ] || echo "PART FAILED: $name (rc=$rc)"
 }
 
-run_part gpu-suite 420 "$PY" -m mim benchmark --suite gpu \
+run_part gpu-suite 400 "$PY" -m mim benchmark --suite gpu \
     --json "$OUT/gpu_suite.json" --markdown "$OUT/gpu_suite.md"
-run_part scaling 150 "$PY" -m mim benchmark --suite scaling --modes eager --rounds 5 \
+run_part scaling 120 "$PY" -m mim benchmark --suite scaling --modes eager --rounds 5 \
     --budget 60 --batches 64,128,256 --sizes 224,384,512 --size-batch 64 \
     --json "$OUT/scaling.json" --markdown "$OUT/scaling.md"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,temperature.gpu --format=csv

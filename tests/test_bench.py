@@ -12,6 +12,7 @@ from mim.bench.pipeline import (
     make_jpeg_folder,
     pipeline_contenders,
     real_run_data_wait,
+    sample_tensor,
 )
 from mim.bench.suites import bench_config, run_step_case
 from mim.config import load_config
@@ -56,12 +57,12 @@ def test_cli_single_case_runs(tmp_path):
 
 def test_pipeline_loaders_give_imagefolders_tensors(tmp_path):
     root = make_jpeg_folder(tmp_path / "jpegs", 4, (96, 72))
-    loaders, n = pipeline_contenders(root, 32, (0.2, 1.0), (0.5, 0.4, 0.3), (0.2, 0.3, 0.25))
-    for i in range(n):
-        want = loaders["torchvision ImageFolder"](1, i)
-        for name, load in loaders.items():
+    sets = pipeline_contenders(root, 32, (0.2, 1.0), (0.5, 0.4, 0.3), (0.2, 0.3, 0.25))
+    for i in range(4):
+        want = sample_tensor(sets["torchvision ImageFolder"], (1, i))
+        for name, ds in sets.items():
             if "full-size" in name or name == "mim folder":  # small files: no reduced decode
-                assert torch.equal(load(1, i), want), name
+                assert torch.equal(sample_tensor(ds, (1, i)), want), name
 
 
 def test_pipeline_and_real_run(tmp_path):

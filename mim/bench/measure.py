@@ -58,10 +58,11 @@ class Timings:
         return statistics.median(self.rounds[name])
 
     def spread(self, name: str) -> float:
-        """Interquartile range over the median: how noisy the timing was."""
+        """Interquartile range over the median (with under 4 rounds: the full range): how noisy
+        the timing was."""
         t = sorted(self.rounds[name])
         if len(t) < 4:
-            return 0.0
+            return (t[-1] - t[0]) / statistics.median(t) if t else 0.0
         q = statistics.quantiles(t, n=4)
         return (q[2] - q[0]) / statistics.median(t)
 

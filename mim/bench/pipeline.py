@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mim.bench.measure import time_interleaved
-from mim.data.loader import TransformedDataset, sample_seed
+from mim.data.loader import TransformedDataset, collate, sample_seed
 from mim.data.sources import HFImageSource, load_local, min_decode_size
 from mim.data.synthetic import synthetic_image
 from mim.data.transforms import pretrain_transform
@@ -60,74 +61,96 @@ class PipelineRow:
     ratio_to_imagefolder: float
 
 
-def pipeline_contenders(root: Path, img_size: int, crop_scale: tuple[float, float],
-                        mean, std, seed: int = 0
-                        ) -> tuple[dict[str, Callable[[int, int], Any]], int]:
-    """Per-sample loaders ``(epoch, index) -> tensor`` over the same files: torchvision
-    ImageFolder, mim's folder source (reduced-size JPEG decode on, and off) and mim's in-memory
-    source (the encoded bytes held in a ``datasets`` table, as a hub dataset is).
+class SeededImageFolder(Dataset):
+    """torchvision's ImageFolder with its transforms, keyed by ``(epoch, index)`` like mim's
+    dataset and drawing from the global generator seeded with mim's per-sample seed: every loader
+    then crops the same boxes (the cost of a bicubic resize depends on the crop size, so
+    different draws would bias the comparison). The seeding costs about 1 us a sample."""
 
-    ImageFolder draws its augmentation from the global generator, seeded here with mim's
-    per-sample seed, so every loader crops the same boxes: the cost of a bicubic resize depends
-    on the crop size, and different draws would bias the comparison."""
+    def __init__(self, root: str, transform: Callable, seed: int) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.folder, self.seed = ImageFolder(root, transform=transform), seed
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        epoch, i = key
+        torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
+        return self.folder[i][0]
+
+
+class EpochKeys(Sampler[tuple[int, int]]):
+    """``(epoch, index)`` for every index, in order; ``epoch`` is advanced by the caller."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in range(self.n)])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def pipeline_contenders(root: Path, img_size: int, crop_scale: tuple[float, float],
+                        mean, std, seed: int = 0) -> dict[str, Dataset]:
+    """Datasets keyed by ``(epoch, index)`` over the same files: torchvision's ImageFolder with
+    the transforms written the torchvision way, mim's folder source (reduced-size JPEG decode on,
+    and off) and mim's in-memory source (the encoded bytes in a ``datasets`` table, as a hub
+    dataset holds them)."""
     import datasets
     from torchvision import transforms as T
-    from torchvision.datasets import ImageFolder
 
-    tf = pretrain_transform(img_size, crop_scale, mean, std)
-    tv_tf = T.Compose([  # the same augmentation as a torchvision user writes it
+    tv_tf = T.Compose([
         T.RandomResizedCrop(img_size, scale=tuple(crop_scale),
                             interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    tf = pretrain_transform(img_size, crop_scale, mean, std)
     min_decode = min_decode_size(img_size, crop_scale[0])
     folder = load_local(str(root), "train")
-    files = folder["image"]
     table = datasets.Dataset.from_dict(
-        {"image": [{"bytes": Path(f["path"]).read_bytes(), "path": None} for f in files]},
+        {"image": [{"bytes": Path(f["path"]).read_bytes(), "path": None}
+                   for f in folder["image"]]},
         features=datasets.Features({"image": datasets.Image(decode=False)}))
-    ours = TransformedDataset(HFImageSource(folder, min_decode=min_decode), tf, seed)
-    ours_full = TransformedDataset(HFImageSource(folder), tf, seed)
-    ours_mem = TransformedDataset(HFImageSource(table, min_decode=min_decode), tf, seed)
-    tv = ImageFolder(str(root), transform=tv_tf)
-
-    def imagefolder(epoch: int, i: int) -> torch.Tensor:
-        torch.default_generator.manual_seed(sample_seed(seed, epoch, i))
-        return tv[i][0]
-
     return {
-        "torchvision ImageFolder": imagefolder,
-        "mim folder": lambda e, i: ours[(e, i)]["image"],
-        "mim folder, full-size decode": lambda e, i: ours_full[(e, i)]["image"],
-        "mim in-memory": lambda e, i: ours_mem[(e, i)]["image"],
-    }, len(files)
+        "torchvision ImageFolder": SeededImageFolder(str(root), tv_tf, seed),
+        "mim folder": TransformedDataset(HFImageSource(folder, min_decode=min_decode), tf, seed),
+        "mim folder, full-size decode": TransformedDataset(HFImageSource(folder), tf, seed),
+        "mim in-memory": TransformedDataset(HFImageSource(table, min_decode=min_decode), tf,
+                                            seed),
+    }
+
+
+def sample_tensor(ds: Dataset, key: tuple[int, int]) -> torch.Tensor:
+    x = ds[key]
+    return x["image"] if isinstance(x, dict) else x
 
 
 def bench_pipeline(root: Path, img_size: int, crop_scale: tuple[float, float], mean, std,
-                   rounds: int = 5, budget_s: float = 60.0) -> list[PipelineRow]:
-    """Images/s of one worker (one process, one thread, as a DataLoader worker runs) for each
-    loader, interleaved over rounds of one pass (epoch) through the folder each."""
-    loaders, n = pipeline_contenders(root, img_size, crop_scale, mean, std)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+                   rounds: int = 5, budget_s: float = 60.0, batch_size: int = 16
+                   ) -> list[PipelineRow]:
+    """Images/s of one DataLoader worker (a persistent worker process, one thread, batches sent
+    to the main process) for each dataset, interleaved over rounds of one epoch each."""
+    sets = pipeline_contenders(root, img_size, crop_scale, mean, std)
+    calls = {}
+    for name, ds in sets.items():
+        keys = EpochKeys(len(ds))
+        loader = DataLoader(ds, batch_size=batch_size, sampler=keys, num_workers=1,
+                            persistent_workers=True, prefetch_factor=4,
+                            collate_fn=collate if isinstance(ds, TransformedDataset) else None)
 
-    def epochs_of(load: Callable[[int, int], Any]) -> Callable[[], None]:
-        """Each call is the next epoch for this loader: all loaders see the same epochs."""
-        epochs = iter(range(10 ** 9))
+        def one_epoch(loader=loader, keys=keys) -> None:
+            for _ in loader:
+                pass
+            keys.epoch += 1
 
-        def one_epoch() -> None:
-            e = next(epochs)
-            for i in range(n):
-                load(e, i)
-        return one_epoch
-
-    try:
-        calls = {name: epochs_of(f) for name, f in loaders.items()}
-        t = time_interleaved(calls, torch.device("cpu"), warmup=1, rounds=rounds,
-                             budget_s=budget_s)
-    finally:
-        torch.set_num_threads(threads)
-    base = "torchvision ImageFolder"
-    return [PipelineRow(name, n / t.median(name), t.ratio(base, name)) for name in loaders]
+        calls[name] = one_epoch
+    t = time_interleaved(calls, torch.device("cpu"), warmup=1, rounds=rounds, budget_s=budget_s)
+    calls.clear()  # ends the workers
+    n, base = len(next(iter(sets.values()))), "torchvision ImageFolder"
+    return [PipelineRow(name, n / t.median(name), t.ratio(base, name)) for name in sets]
 
 
 @dataclass

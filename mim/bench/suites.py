@@ -206,7 +206,7 @@ def case_table(res: CaseResult) -> list[str]:
                      f"{fmt_flops(r.flops.total * r.images_per_s)} | {100 * r.mfu:.1f}% |")
     noisy = [r.name for r in res.rows if r.spread > 0.25]
     if noisy:
-        lines.append(f"\nwarning: noisy timings (interquartile range > 25% of the median) for "
+        lines.append(f"\nwarning: noisy timings (spread > 25% of the median) for "
                      f"{', '.join(noisy)}: the machine was busy; ratios are less reliable")
     sp = res.speedup()
     if sp is not None:

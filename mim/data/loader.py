@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from mim.data.sources import UnreadableImage
 
@@ -40,7 +40,16 @@ def sample_seed(*parts: int) -> int:
 @contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
     """Seed torch, numpy and Python's ``random`` for a block, then restore them: timm's
-    RandAugment and random erasing draw from the latter two."""
+    RandAugment and random erasing draw from the latter two.
+
+    In a loader worker nothing else draws from these generators, so they are only seeded: saving
+    and restoring numpy's and ``random``'s states costs ~0.25 ms, 5% of decoding a photo."""
+    if get_worker_info() is not None:
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        yield
+        return
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         # The CPU generator only (what transforms draw from): torch.manual_seed would also queue
