@@ -2,8 +2,9 @@
 mim and for the reference.
 
 The step is the engine's (``mim.engine.pretrain.train_one_epoch``): forward under the configured
-autocast, backward, gradient norm (the non-finite guard), optimizer step (fused AdamW where the
-engine uses it, for both sides), ``zero_grad``. Only the model and how it is compiled differ.
+autocast, backward, gradient norm and the non-finite guard (read on the host, as the engine
+does), optimizer step (fused AdamW, as the engine builds it, for both sides), ``zero_grad``. Only
+the model and how it is compiled differ.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Contender:
     loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     images: torch.Tensor
     autocast_dtype: torch.dtype | None
-    host_synced_guard: bool = False  # the pre-benchmark engine: read the grad norm on the host
+    device_guard: bool = False  # skip a non-finite step on the device (no host sync)
 
     def autocast(self) -> Any:
         if self.autocast_dtype is None:
@@ -51,7 +52,7 @@ class Contender:
         self.forward_backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-        if not self.host_synced_guard:
+        if self.device_guard:
             step_if_finite(self.optimizer, grad_norm)
         elif is_finite(grad_norm):
             self.optimizer.step()
@@ -67,8 +68,8 @@ def build_contender(cfg: Any, impl: str, mode: str, device: torch.device,
     """mim's MAE (``mode="compile"`` means ``train.compile=true``, mim's own way) or the reference
     at the same architecture (``compile`` = ``torch.compile`` of the whole model, the way
     ``transformers`` users compile). Variants of mim, to measure one option each:
-    ``mim-hostsync`` reads the non-finite guard on the host every step (the engine before the
-    sync-free guard); ``mim-gc`` turns on ``train.grad_checkpointing``."""
+    ``mim-deviceguard`` decides the non-finite guard on the device (``step_if_finite``, no host
+    sync); ``mim-gc`` turns on ``train.grad_checkpointing``."""
     from mim.bench.reference import build_reference, reference_loss
 
     torch.manual_seed(cfg.run.seed)
@@ -91,4 +92,4 @@ def build_contender(cfg: Any, impl: str, mode: str, device: torch.device,
             model.compile()
     optimizer = build_optimizer(model, cfg, lr=1e-4)
     return Contender(f"{impl} {mode}", impl, mode, model, optimizer, loss_fn, images,
-                     AUTOCAST[cfg.train.mixed_precision], impl == "mim-hostsync")
+                     AUTOCAST[cfg.train.mixed_precision], impl == "mim-deviceguard")
