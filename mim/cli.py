@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from pathlib import Path
+
+import yaml
 
 from mim.config import ConfigError, RunError, load_config
 from mim.engine.checkpoint import UnsafeCheckpoint
@@ -17,11 +21,16 @@ from mim.engine.checkpoint import UnsafeCheckpoint
 # command -> (config schema, "module:function" run with the validated config, help)
 CONFIG_COMMANDS = {
     "pretrain": ("pretrain", "mim.engine.pretrain:pretrain",
-                 "self-supervised pretraining (MAE, SimMIM, MaskFeat, BEiT)"),
+                 "self-supervised pretraining (MAE, SimMIM, MaskFeat, BEiT, supervised)"),
     "tokenizer": ("pretrain", "mim.engine.tokenizer:train_tokenizer",
                   "train the visual tokenizer BEiT predicts (vq_tokenizer)"),
     "finetune": ("finetune", "mim.engine.finetune:finetune",
-                 "fine-tune a classifier from an encoder checkpoint (init=...)"),
+                 "fine-tune from an encoder checkpoint (init=...): classification, or detection "
+                 "for a config with 'task: detect'"),
+    "detect": ("detect", "mim.engine.detect:detect",
+               "detection fine-tuning (ViT + feature pyramid + RetinaNet)"),
+    "compare": ("compare", "mim.engine.compare:compare",
+                "fine-tune every init x label fraction x seed and write one report"),
 }
 
 
@@ -37,30 +46,68 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("benchmark", add_help=False,
                    help="training-step, input-pipeline and scaling benchmarks against references "
                         "(mim benchmark --help)")
-    ev = sub.add_parser("evaluate", help="re-evaluate the best checkpoint of a fine-tuning run")
-    ev.add_argument("--run", required=True, help="the fine-tuning run directory")
+    ev = sub.add_parser("evaluate", help="re-evaluate a finished fine-tuning or detection run")
+    ev.add_argument("--run", required=True, help="the run directory")
     ev.add_argument("--split", default="", help="dataset split (default: the run's val split)")
+    evd = sub.add_parser("evaluate-detections",
+                         help="COCO metrics of any detector's results file, as one JSON object")
+    evd.add_argument("--gt", required=True, help="COCO instances JSON (the ground truth)")
+    evd.add_argument("--pred", required=True, help="COCO results JSON (a list of detections)")
+    evd.add_argument("--score-thresh", type=float, default=0.3,
+                     help="operating point of precision_50 / recall_50")
+    evd.add_argument("--per-class", action="store_true", help="add per-class AP")
     return p
+
+
+def _is_detection(config_file: str | Path | None) -> bool:
+    if not config_file or not Path(config_file).is_file():
+        return False
+    try:
+        raw = yaml.safe_load(Path(config_file).read_text()) or {}
+    except yaml.YAMLError:
+        return False
+    return isinstance(raw, dict) and raw.get("task") == "detect"
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command in CONFIG_COMMANDS:
-        job, target, _ = CONFIG_COMMANDS[args.command]
+        command = args.command
+        if command == "finetune" and (_is_detection(args.config)
+                                      or "task=detect" in args.overrides):
+            command = "detect"
+        job, target, _ = CONFIG_COMMANDS[command]
         cfg = load_config(args.config, args.overrides, job=job)
         if args.print_config:
-            import yaml
-
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
         module, func = target.split(":")
         getattr(importlib.import_module(module), func)(cfg)
         return 0
     if args.command == "evaluate":
-        from mim.engine.evaluate import evaluate_run
-
+        if _is_detection(Path(args.run) / "config.yaml"):
+            from mim.engine.detect import evaluate_run
+        else:
+            from mim.engine.evaluate import evaluate_run
         evaluate_run(args.run, args.split)
         return 0
+    if args.command == "evaluate-detections":
+        return _evaluate_detections(args)
     return 1
+
+
+def _evaluate_detections(args: argparse.Namespace) -> int:
+    from mim.metrics.detection import METRIC_KEYS, evaluate_files
+
+    for flag, path in (("--gt", args.gt), ("--pred", args.pred)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{flag}: no such file: {path}")
+    try:
+        out = evaluate_files(args.gt, args.pred, args.score_thresh)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"cannot evaluate {args.pred} against {args.gt}: {e}") from None
+    keys = (*METRIC_KEYS, "per_class_ap") if args.per_class else METRIC_KEYS
+    print(json.dumps({k: out[k] for k in keys}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["mae", "simmim", "maskfeat", "beit", "vq_tokenizer"] = "mae"
+    name: Literal["mae", "simmim", "maskfeat", "beit", "vq_tokenizer", "supervised"] = "mae"
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True  # mae and simmim: per-patch normalised pixel targets
     decoder_dim: int = 512  # mae decoder; also the vq_tokenizer's pixel decoder
@@ -74,6 +74,7 @@ class MethodConfig:
     codebook_size: int = 8192  # vq_tokenizer: number of codes (beit takes it from its tokenizer)
     code_dim: int = 32  # vq_tokenizer: codes are unit vectors of this size
     code_entropy_weight: float = 0.1  # vq_tokenizer: weight of the codebook-usage entropy loss
+    num_classes: int = 0  # supervised: classes of the labeled source; 0 = from its labels
 
 
 @dataclass
@@ -271,7 +272,177 @@ class FinetuneConfig:
         _validate_finetune(self)
 
 
-SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+# ----------------------------------------------------------------------------- detection
+
+
+@dataclass
+class DetectModelConfig(ModelConfig):
+    """ViT + simple feature pyramid + RetinaNet head. ``img_size`` is the largest input side:
+    images are resized to fit in it and a batch is padded only up to its largest image."""
+
+    img_size: int = 512
+    pos_embed: Literal["sincos", "learned"] = "learned"  # learnable; the init overwrites it
+    num_classes: int = 0  # 0 = the number of classes of the training set
+    pyramid_dim: int = 256
+    # Pyramid levels as multiples of the patch grid (ViTDet): 2 = deconvolution, 0.5 = pooling.
+    # With 16 px patches (2, 1, 0.5, 0.25) gives strides 8, 16, 32, 64.
+    pyramid_scales: tuple[float, ...] = (2.0, 1.0, 0.5, 0.25)
+    anchor_scale: float = 4.0  # anchor side = anchor_scale x stride (RetinaNet)
+    anchor_octaves: int = 3  # sizes per level: 2^(i/octaves), i < octaves
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+
+
+@dataclass
+class DetectDataConfig(DataConfig):
+    format: Literal["coco", "yolo", "hf"] = "coco"  # how data.path / data.name is laid out
+    split: str = "train"
+    val_split: str = "val"
+    objects_column: str = "objects"  # hf: a dict column with a box list and a category list
+    bbox_key: str = "bbox"
+    category_key: str = "category"
+    bbox_format: Literal["xywh", "xyxy"] = "xywh"  # hf boxes, in pixels
+    synthetic_size: int = 512
+    hflip: float = 0.5
+    scale_range: tuple[float, float] = (0.5, 1.0)  # scale jitter of the fitted size (1, 1 = off)
+    min_box_size: float = 1.0  # px after resizing; smaller (degenerate) boxes are dropped
+    eval_batch_size: int = 0  # 0 = data.batch_size
+
+
+@dataclass
+class DetectOptimConfig(OptimConfig):
+    base_lr: float = 4.0e-4  # lr = base_lr * global_batch / 256 (ViTDet: 1e-4 at batch 64)
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 1.0
+    layer_decay: float = 0.7  # block i (0-based) gets lr x decay^(depth - i), the embeddings
+    # decay^(depth + 1), the pyramid and head the full lr (ViTDet ViT-B: 0.7); 1 = off
+    clip_grad: ClipGradConfig = field(default_factory=lambda: ClipGradConfig(mode="norm"))
+
+
+@dataclass
+class DetectLossConfig:
+    focal_alpha: float = 0.25  # weight of positives in the sigmoid focal loss; < 0 = none
+    focal_gamma: float = 2.0
+    box: Literal["giou", "l1"] = "giou"  # giou on decoded boxes, l1 on encoded deltas
+    box_weight: float = 1.0
+    fg_iou: float = 0.5  # anchors with IoU >= fg_iou to a box are positives ...
+    bg_iou: float = 0.4  # ... below bg_iou negatives, between them ignored
+
+
+@dataclass
+class DetectEvalConfig:
+    score_thresh: float = 0.05  # kept for the COCO metrics (the whole precision/recall curve)
+    nms_iou: float = 0.5
+    max_detections: int = 100
+    topk_candidates: int = 1000  # per image, before NMS
+    pr_score_thresh: float = 0.3  # operating point of precision_50/recall_50 and the pictures
+    vis_images: int = 4
+
+
+@dataclass
+class DetectTrainConfig:
+    epochs: int = 12
+    max_steps: int = 0  # stop after this many optimizer updates (0 = no limit)
+    grad_accum_steps: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 20  # optimizer updates
+    save_every: int = 1000  # optimizer updates
+    keep_last: int = 1
+    eval_every: int = 1  # epochs; the last epoch is always evaluated
+    max_nonfinite: int = 10  # stop after this many non-finite updates in a row
+    dist_timeout_s: int = 600  # a collective waiting longer than this fails (dead peer)
+
+
+@dataclass
+class DetectConfig:
+    task: Literal["detect"] = "detect"  # marks the file as a detection config
+    init: str = "scratch"  # scratch | a mim pretraining run directory | an encoder .safetensors
+    run: RunConfig = field(default_factory=RunConfig)
+    model: DetectModelConfig = field(default_factory=DetectModelConfig)
+    data: DetectDataConfig = field(default_factory=DetectDataConfig)
+    optim: DetectOptimConfig = field(default_factory=DetectOptimConfig)
+    loss: DetectLossConfig = field(default_factory=DetectLossConfig)
+    eval: DetectEvalConfig = field(default_factory=DetectEvalConfig)
+    train: DetectTrainConfig = field(default_factory=DetectTrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def validate(self) -> None:
+        _validate_common(self)
+        _validate_detect(self)
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+@dataclass
+class CompareRunConfig:
+    name: str = "compare"
+    output_dir: str = "runs"
+
+
+@dataclass
+class CompareConfig:
+    """``mim compare``: every init x label fraction x seed fine-tuned with one recipe."""
+
+    run: CompareRunConfig = field(default_factory=CompareRunConfig)
+    # name -> init, as the fine-tune key 'init' takes it: scratch | a run dir | file | timm:<name>
+    inits: dict[str, str] = field(default_factory=dict)
+    init_files: dict[str, str] = field(default_factory=dict)  # name -> local file for timm:<name>
+    finetune: str = ""  # the downstream fine-tune config file (classification)
+    overrides: list[str] = field(default_factory=list)  # key=value over it, for every cell
+    label_fractions: list[float] = field(default_factory=lambda: [1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    metric: Literal["top1", "top5", "macro_f1", "loss"] = "top1"
+    score: Literal["final", "best"] = "final"  # best = the best epoch on validation (optimistic)
+    allow_resample: bool = False  # accept inits whose pos/patch embeddings need resampling
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def validate(self) -> None:
+        _check(bool(self.run.name) and "/" not in self.run.name,
+               f"config key 'run.name' must be a non-empty name without '/', got {self.run.name!r}")
+        _check(bool(self.inits), "config key 'inits' must name at least one init (name: init)")
+        for name, init in self.inits.items():
+            _check(bool(name) and all(c.isalnum() or c in "-_." for c in name),
+                   f"config key 'inits.{name}': init names may hold letters, digits, '-_.' only")
+            _check(init == "scratch" or init.startswith("timm:") or Path(init).exists(),
+                   f"config key 'inits.{name}' must be 'scratch', 'timm:<name>' or an existing "
+                   f"path, got {init!r}")
+        for name, f in self.init_files.items():
+            _check(self.inits.get(name, "").startswith("timm:"),
+                   f"config key 'init_files.{name}' goes with a timm:<name> init only")
+            _check(Path(f).is_file(), f"config key 'init_files.{name}': no such file: {f}")
+        _check(bool(self.finetune) and Path(self.finetune).is_file(),
+               f"config key 'finetune' must name a fine-tune config file, got {self.finetune!r}")
+        _check(bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions),
+               f"config key 'label_fractions' must be values in (0, 1], got {self.label_fractions}")
+        _check(len(set(self.label_fractions)) == len(self.label_fractions),
+               "config key 'label_fractions' holds a value twice")
+        _check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
+               f"config key 'seeds' must be distinct seeds, got {self.seeds}")
+        for item in self.overrides:
+            key = item.partition("=")[0].strip()
+            _check("=" in item and bool(key), f"config key 'overrides': '{item}' is not key=value")
+            _check(key not in ("init", "init_file", "data.label_fraction", "run.seed", "run.name",
+                               "run.output_dir", "run.resume"),
+                   f"config key 'overrides': '{key}' is set by the comparison for every cell")
+
+
+SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig,
+                            "detect": DetectConfig, "compare": CompareConfig}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -425,6 +596,12 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise bad
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {_coerce(k, kt, f"{key}.{k}"): _coerce(v, vt, f"{key}.{k}")
+                for k, v in value.items()}
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
@@ -533,6 +710,7 @@ def _validate_method(cfg: Any) -> None:
                f"config key 'method.block_min_patches': no block of {m.block_min_patches}.."
                f"{m.block_max_patches or n} patches with aspect in {tuple(m.block_aspect)} fits "
                f"the {grid[0]}x{grid[1]} patch grid")
+    _check(m.num_classes >= 0, "config key 'method.num_classes' must be >= 0")
     if m.name == "maskfeat":
         _check(m.hog_bins >= 1, f"config key 'method.hog_bins' must be >= 1, got {m.hog_bins}")
         _check(m.hog_cell >= 1 and model.patch_size % m.hog_cell == 0,
@@ -611,3 +789,51 @@ def _validate_finetune(cfg: Any) -> None:
            f"config key 'dropout.epochs' must be in (0, train.epochs) for the "
            f"'{dr.schedule}' schedule, got {dr.epochs}")
     _check(t.eval_every > 0, "config key 'train.eval_every' must be positive")
+
+
+def _validate_detect(cfg: Any) -> None:
+    m, d, o, lo, ev = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.eval
+    init = cfg.init
+    _check(init == "scratch" or Path(init).exists(),
+           f"config key 'init' must be 'scratch' or an existing path, got {init!r}")
+    _check(m.num_classes >= 0, "config key 'model.num_classes' must be >= 0")
+    _check(m.pyramid_dim > 0, "config key 'model.pyramid_dim' must be positive")
+    scales = m.pyramid_scales
+    _check(len(scales) > 0 and all(s in (4.0, 2.0, 1.0, 0.5, 0.25, 0.125) for s in scales),
+           f"config key 'model.pyramid_scales' must hold powers of two in [1/8, 4], got {scales}")
+    _check(list(scales) == sorted(set(scales), reverse=True),
+           "config key 'model.pyramid_scales' must be strictly decreasing (finest level first)")
+    for s in scales:
+        _check(m.patch_size / s == int(m.patch_size / s),
+               f"config key 'model.pyramid_scales': {s} gives a fractional stride with "
+               f"patch_size {m.patch_size}")
+    largest_stride = int(m.patch_size / min(scales))
+    _check(m.img_size % largest_stride == 0,
+           f"config key 'model.img_size' ({m.img_size}) must be a multiple of the largest pyramid "
+           f"stride ({largest_stride} = patch_size / min(pyramid_scales))")
+    _check(m.anchor_scale > 0 and m.anchor_octaves >= 1 and len(m.anchor_ratios) > 0
+           and all(r > 0 for r in m.anchor_ratios),
+           "config keys 'model.anchor_scale'/'anchor_octaves'/'anchor_ratios' must be positive")
+    _check(0 <= d.hflip <= 1, "config key 'data.hflip' must be in [0, 1]")
+    s_lo, s_hi = d.scale_range
+    _check(0 < s_lo <= s_hi <= 1, "config key 'data.scale_range' must satisfy 0 < lo <= hi <= 1 "
+                                  f"(scale jitter that enlarges past img_size needs a crop; not "
+                                  f"supported), got {d.scale_range}")
+    _check(d.min_box_size >= 0, "config key 'data.min_box_size' must be >= 0")
+    _check(d.eval_batch_size >= 0, "config key 'data.eval_batch_size' must be >= 0")
+    _check(bool(d.val_split), "config key 'data.val_split' must be set")
+    _check(0 < o.layer_decay <= 1, f"config key 'optim.layer_decay' must be in (0, 1], "
+                                   f"got {o.layer_decay}")
+    _check(lo.focal_alpha < 1, "config key 'loss.focal_alpha' must be < 1 (negative = no weight)")
+    _check(lo.focal_gamma >= 0, "config key 'loss.focal_gamma' must be >= 0")
+    _check(lo.box_weight >= 0, "config key 'loss.box_weight' must be >= 0")
+    _check(0 < lo.bg_iou <= lo.fg_iou <= 1,
+           f"config keys 'loss.bg_iou'/'loss.fg_iou' must satisfy 0 < bg_iou <= fg_iou <= 1, "
+           f"got {lo.bg_iou}, {lo.fg_iou}")
+    _check(0 <= ev.score_thresh < 1 and 0 <= ev.pr_score_thresh < 1,
+           "config keys 'eval.score_thresh'/'eval.pr_score_thresh' must be in [0, 1)")
+    _check(0 < ev.nms_iou <= 1, "config key 'eval.nms_iou' must be in (0, 1]")
+    _check(ev.max_detections > 0 and ev.topk_candidates > 0,
+           "config keys 'eval.max_detections'/'eval.topk_candidates' must be positive")
+    _check(ev.vis_images >= 0, "config key 'eval.vis_images' must be >= 0")
+    _check(cfg.train.eval_every > 0, "config key 'train.eval_every' must be positive")

@@ -70,3 +70,38 @@ def softmax_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float 
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def dense_detection_loss(cls_logits: torch.Tensor, box_deltas: torch.Tensor,
+                         anchors: torch.Tensor, labels: torch.Tensor, matched_boxes: torch.Tensor,
+                         box_coder, alpha: float = 0.25, gamma: float = 2.0, box: str = "giou",
+                         box_weight: float = 1.0, num_pos: torch.Tensor | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """RetinaNet's loss: sigmoid focal loss over every anchor that is not ignored, and a box
+    loss over the positives (``giou`` on decoded boxes or ``l1`` on encoded deltas), both summed
+    and divided by the number of positive anchors, floor 1 (detectron2's normaliser).
+
+    cls_logits (B, A, K); box_deltas (B, A, 4); anchors (A, 4); labels (B, A): class index,
+    -1 background, -2 ignored; matched_boxes (B, A, 4) xyxy. ``num_pos`` overrides the count
+    (e.g. the mean over processes, so every process divides by the same number).
+    """
+    from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+    cls_logits, box_deltas = cls_logits.float(), box_deltas.float()
+    pos = labels >= 0
+    n = (pos.sum() if num_pos is None else num_pos).float().clamp_min(1.0)
+    target = torch.zeros_like(cls_logits)
+    target[pos, labels[pos]] = 1.0
+    keep = labels >= -1
+    loss_cls = sigmoid_focal_loss(cls_logits[keep], target[keep], alpha=alpha, gamma=gamma,
+                                  reduction="sum") / n
+    pos_anchors = anchors.unsqueeze(0).expand_as(box_deltas)[pos]
+    if box == "l1":
+        wanted = box_coder.encode_single(matched_boxes[pos], pos_anchors)
+        loss_box = (box_deltas[pos] - wanted).abs().sum() / n
+    elif box == "giou":
+        pred = box_coder.decode_single(box_deltas[pos], pos_anchors)
+        loss_box = generalized_box_iou_loss(pred, matched_boxes[pos], reduction="sum") / n
+    else:
+        raise ValueError(f"unknown box loss {box!r}")
+    return {"loss": loss_cls + box_weight * loss_box, "loss_cls": loss_cls, "loss_box": loss_box}

@@ -1,4 +1,5 @@
-"""Pictures of what a pretraining learned, one row per image.
+"""Pictures of what a pretraining learned (one row per image) and of what a detector finds
+(predicted and ground-truth boxes).
 
 Pixel methods (MAE, SimMIM): original | masked | reconstruction. Token methods: the tokenizer
 shows original | its code map | the image decoded from the codes; BEiT shows original | masked |
@@ -112,3 +113,33 @@ def pretrain_grid(model, images: torch.Tensor, mean, std, seed: int = 0) -> torc
 def save_grid(grid: torch.Tensor, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, str(path))
+
+
+@torch.no_grad()
+def detection_grid(images: torch.Tensor, mean, std, predictions: list[dict], targets: list[dict],
+                   class_names: list[str], score_thresh: float, min_side: int = 256) -> torch.Tensor:
+    """A (3, H', W') grid of a padded batch (B, 3, H, W, normalised) with ground-truth boxes
+    (green, class name) and predictions scoring >= ``score_thresh`` (red, "name score").
+    Small images are enlarged (nearest) so the labels stay readable."""
+    from torchvision.utils import draw_bounding_boxes
+
+    mean_t = torch.tensor(mean).view(-1, 1, 1)
+    std_t = torch.tensor(std).view(-1, 1, 1)
+    zoom = max(1, min_side // max(images.shape[-2:]))
+    tiles = []
+    for img, pred, tgt in zip(images.cpu().float(), predictions, targets):
+        x = ((img * std_t + mean_t).clamp(0, 1) * 255).to(torch.uint8)
+        if zoom > 1:
+            x = x.repeat_interleave(zoom, dim=1).repeat_interleave(zoom, dim=2)
+        if len(tgt["boxes"]):
+            x = draw_bounding_boxes(x, tgt["boxes"].cpu().float() * zoom,
+                                    [class_names[int(c)] for c in tgt["labels"]],
+                                    colors="lime", width=2)
+        keep = pred["scores"].cpu() >= score_thresh
+        if keep.any():
+            names = [f"{class_names[int(c)]} {float(s):.2f}"
+                     for c, s in zip(pred["labels"].cpu()[keep], pred["scores"].cpu()[keep])]
+            x = draw_bounding_boxes(x, pred["boxes"].cpu().float()[keep] * zoom, names,
+                                    colors="red", width=1)
+        tiles.append(x.float() / 255)
+    return make_grid(torch.stack(tiles), nrow=min(4, len(tiles)), padding=4, pad_value=1.0)

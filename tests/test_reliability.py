@@ -43,9 +43,14 @@ def _wait_for_lines(path, n, proc, timeout=240):
     raise TimeoutError(f"{path} did not reach {n} lines")
 
 
-@pytest.fixture
-def reference(tiny):
-    return _losses(pretrain(load_config(None, tiny(*COMMON, name="ref"))))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    from tests.conftest import TINY
+
+    out = tmp_path_factory.mktemp("ref")
+    over = TINY + ["data.synthetic=true", "data.synthetic_size=128", f"run.output_dir={out}",
+                   "run.name=ref", *COMMON]
+    return _losses(pretrain(load_config(None, over)))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -36,9 +36,14 @@ def synthetic_image(index: int, size: int, seed: int = 0) -> tuple[Image.Image, 
         draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     half = size * rng.uniform(0.22, 0.4)
     cx, cy = rng.uniform(half, size - half, 2)
+    draw_shape(draw, CLASSES[label], cx, cy, half, tuple(int(v) for v in fg))
+    return img, label
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, half: float,
+               color: tuple[int, ...]) -> None:
+    """Draw one shape of ``kind`` filling the square of half-side ``half`` around (cx, cy)."""
     box = [cx - half, cy - half, cx + half, cy + half]
-    color = tuple(int(v) for v in fg)
-    kind = CLASSES[label]
     if kind == "circle":
         draw.ellipse(box, fill=color)
     elif kind == "square":
@@ -65,7 +70,6 @@ def synthetic_image(index: int, size: int, seed: int = 0) -> tuple[Image.Image, 
                     draw.rectangle([x0, y0, x0 + step, y0 + step], fill=color)
     else:  # ellipse
         draw.ellipse([cx - half, cy - half / 2, cx + half, cy + half / 2], fill=color)
-    return img, label
 
 
 class SyntheticShapes:

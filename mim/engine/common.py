@@ -215,7 +215,7 @@ def clip_gradients(acc: Accelerator, params: list[torch.nn.Parameter], clip: Any
     return norm
 
 
-def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
+def count_flops(model: torch.nn.Module, example: torch.Tensor, **forward_kwargs: Any) -> int:
     """Forward FLOPs per image of the training forward, counted by torch's FlopCounterMode.
 
     Fused attention kernels are switched to timm's explicit matmul path while counting: the
@@ -229,7 +229,7 @@ def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]), \
                 FlopCounterMode(display=False) as counter:
-            model(example)
+            model(example, **forward_kwargs)
     finally:
         for m in fused:
             m.fused_attn = True

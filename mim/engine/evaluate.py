@@ -168,6 +168,7 @@ def evaluate_run(run: str | Path, split: str = "") -> dict[str, Any]:
                               title=f"{split}: top-1 {result['top1']:.4f}")
     acc.print(f"{run_dir} (best epoch {info['best']['epoch']}) on '{split}', "
               f"{result['num_samples']} images: top-1 {result['top1']:.4f}  "
-              f"top-5 {result['top5']:.4f}  macro-F1 {result['macro_f1']:.4f}  loss {result['loss']:.4f}")
+              f"top-5 {result['top5']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
+              f"loss {result['loss']:.4f}")
     acc.wait_for_everyone()
     return result

@@ -22,12 +22,14 @@ from mim.config import ConfigError
 from mim.data import EpochLoader, build_epoch_loader, build_source, eval_transform
 from mim.data.labels import SubsetSource, class_names, source_labels, stratified_subset
 from mim.data.transforms import finetune_transform
-from mim.engine.common import (LoopState, Throughput, build_optimizer, build_scheduler,
-                               clip_gradients, count_flops, fmt_count, is_finite,
-                               make_accelerator, prepare_run_dir, print_accounting,
-                               record_bad_samples, resolve_resume, restore_training_state,
-                               save_training_state, seed_step, start_tracking)
+from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, Throughput,
+                               build_optimizer, build_scheduler, check_disk_space,
+                               clip_gradients, count_flops, fmt_count, make_accelerator,
+                               prepare_run_dir, print_accounting, record_bad_samples,
+                               resolve_resume, restore_training_state, save_training_state,
+                               seed_step, start_tracking)
 from mim.engine.evaluate import BestKeeper, evaluate, log_eval, write_finetune_summary
+from mim.engine.pretrain import Guards
 from mim.engine.tracking import MetricsLog
 from mim.losses import softmax_focal_loss
 from mim.models.classifier import DropoutSchedule, build_classifier
@@ -120,6 +122,14 @@ def finetune(cfg: Any) -> Path:
     """Run (or resume) the fine-tuning described by ``cfg``; returns the run directory."""
     acc = make_accelerator(cfg)
     run_dir = prepare_run_dir(acc, cfg)
+    try:
+        return _finetune(acc, cfg, run_dir)
+    finally:
+        acc.end_training()
+        RunLock.release(run_dir)
+
+
+def _finetune(acc, cfg: Any, run_dir: Path) -> Path:
     set_seed(cfg.run.seed)
     data = build_classification_data(cfg, acc.process_index, acc.num_processes)
     model, init_report = build_classifier(cfg, data.num_classes)
@@ -141,6 +151,8 @@ def finetune(cfg: Any) -> Path:
     for m in model.modules():  # the FLOP count's forward must not leave BatchNorm statistics
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
+    if acc.is_main_process:
+        check_disk_space(run_dir, model, cfg.train.keep_last)
     optimizer = build_optimizer(model, cfg, lr,
                                 **({"layer_decay": o.layer_decay} if o.layer_decay < 1 else {}))
     scheduler = build_scheduler(optimizer, cfg, total_updates, updates_per_epoch)
@@ -175,7 +187,7 @@ def finetune(cfg: Any) -> Path:
     state = LoopState()
     resume_from = resolve_resume(cfg, run_dir)
     if resume_from is not None:
-        state = restore_training_state(acc, resume_from, model, optimizer, scheduler)
+        state = restore_training_state(acc, cfg, resume_from, model, optimizer)
         acc.print(f"resumed from {resume_from} at update {state.step}, epoch {state.epoch}")
     start_tracking(acc, cfg, run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
@@ -186,39 +198,61 @@ def finetune(cfg: Any) -> Path:
             "num_classes": data.num_classes, "class_names": data.class_names,
             "train_images": data.train_images, "val_images": data.val_images,
             "init": init_report.to_dict()}
-    last_eval: dict[str, Any] = state.extra.get("last_eval", {})
-    seen_bad: set[str] = set()
-    stopped = False
-    while state.epoch < cfg.train.epochs and not stopped:
-        meta["dropout_scale"] = dropout.set_epoch(state.epoch)
-        stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, data.train, state,
-                                  metrics, run_dir, meta, mixup, criterion, seen_bad)
-        if stopped:
-            break
-        epoch = state.epoch + 1
-        if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
-            result, confusion = evaluate(acc, model, data.val, data.num_classes)
-            last_eval = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-            improved = best.update(acc, result, confusion, epoch, state.step, model, meta)
-            log_eval(acc, metrics, result, confusion, state.step, epoch, best, improved,
-                     data.class_names, run_dir)
-        state.epoch, state.update_in_epoch = epoch, 0
-        state.extra.update(best=best.record, last_eval=last_eval)
-        save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+    guards = Guards(seen_bad=set(), max_bad=int(d.max_bad_fraction * data.train_images
+                                                / acc.num_processes),
+                    max_bad_fraction=d.max_bad_fraction,
+                    nonfinite=NonFiniteGuard(cfg.train.max_nonfinite), stop=StopRequest())
+    stopped = None
+    try:
+        while state.epoch < cfg.train.epochs and not stopped:
+            stopped = _epoch(acc, cfg, model, optimizer, scheduler, data, state, metrics,
+                             run_dir, meta, mixup, criterion, guards, dropout, best)
+    finally:
+        guards.stop.restore()
     if stopped:
         save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+        if stopped == "signal":
+            acc.print(f"interrupted by signal {guards.stop.signum} at update {state.step}; "
+                      "checkpoint saved, resume with run.resume=auto")
+            raise SystemExit(143)
         acc.print(f"stopped at update {state.step} (train.max_steps); resume with run.resume=auto")
     elif acc.is_main_process:
-        write_finetune_summary(acc, cfg, model, run_dir, state, best, last_eval, meta)
+        meta["nonfinite_updates"] = guards.nonfinite.total
+        write_finetune_summary(acc, cfg, model, run_dir, state, best,
+                               state.extra.get("last_eval", {}), meta)
     acc.wait_for_everyone()
-    acc.end_training()
     return run_dir
+
+
+def _epoch(acc, cfg, model, optimizer, scheduler, data: ClassificationData, state: LoopState,
+           metrics: MetricsLog, run_dir: Path, meta: dict, mixup: Mixup | None,
+           criterion: Callable, guards: Guards, dropout: DropoutSchedule,
+           best: BestKeeper) -> str | None:
+    """Train one epoch, evaluate when due, checkpoint; the reason if it stopped early."""
+    meta["dropout_scale"] = dropout.set_epoch(state.epoch)
+    stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, data.train, state,
+                              metrics, run_dir, meta, mixup, criterion, guards)
+    if stopped:
+        return stopped
+    epoch = state.epoch + 1
+    if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+        result, confusion = evaluate(acc, model, data.val, data.num_classes)
+        state.extra["last_eval"] = {k: v for k, v in result.items()
+                                    if isinstance(v, (int, float))}
+        improved = best.update(acc, result, confusion, epoch, state.step, model, meta)
+        log_eval(acc, metrics, result, confusion, state.step, epoch, best, improved,
+                 data.class_names, run_dir)
+    state.epoch, state.update_in_epoch = epoch, 0
+    state.extra["best"] = best.record
+    if guards.nonfinite.in_row == 0:
+        save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+    return None
 
 
 def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, state: LoopState,
                     metrics: MetricsLog, run_dir: Path, meta: dict, mixup: Mixup | None,
-                    criterion: Callable, seen_bad: set) -> bool:
-    """One epoch of updates from ``state.update_in_epoch``; True when ``train.max_steps`` hit."""
+                    criterion: Callable, guards: Guards) -> str | None:
+    """One epoch of updates from ``state.update_in_epoch``; the reason if it stopped early."""
     t, accum = cfg.train, cfg.train.grad_accum_steps
     updates = meta["updates_per_epoch"]
     batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
@@ -230,11 +264,16 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, 
     while state.update_in_epoch < updates:
         if t.max_steps and state.step >= t.max_steps:
             bar.close()
-            return True
+            return "max_steps"
+        if guards.stop.agreed(acc):
+            bar.close()
+            return "signal"
         scheduler.step_update(state.step)
+        update_loss = torch.zeros((), device=acc.device)
         for micro in range(accum):
             batch = next(batches)
-            record_bad_samples(acc, run_dir, state, batch["bad"], seen_bad)
+            record_bad_samples(acc, run_dir, state, batch["bad"], guards.seen_bad,
+                               guards.max_bad, guards.max_bad_fraction)
             images = batch["image"].to(acc.device, non_blocking=True)
             targets = batch["label"].to(acc.device, non_blocking=True)
             seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
@@ -245,22 +284,30 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, 
                 with acc.autocast():
                     loss = criterion(model(images), targets)
                 acc.backward(loss / accum)
-            loss_sum += loss.detach().float()
-            n_sum += 1
+            update_loss += loss.detach().float() / accum
             speed.add(images.shape[0] * acc.num_processes)
         grad_norm = clip_gradients(acc, params, cfg.optim.clip_grad)
-        if is_finite(grad_norm):
+        # the same on every process (grad_norm is all-reduced): it decides the step everywhere
+        finite, loss_ok = torch.isfinite(torch.stack([grad_norm.detach().float().reshape(()),
+                                                      update_loss])).tolist()
+        if finite and loss_ok:
+            loss_sum += update_loss
+            n_sum += 1
+        if finite or acc.scaler is not None:  # fp16: the loss scaler skips and rescales itself
             optimizer.step()
-        else:
-            state.extra["skipped_nonfinite"] = state.extra.get("skipped_nonfinite", 0) + 1
-            acc.print(f"warning: non-finite gradient at update {state.step}; update skipped")
+        if not finite:
+            acc.print(f"warning: non-finite loss or gradient at update {state.step}; skipped")
+        guards.nonfinite.update(finite, state.step)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.update_in_epoch += 1
         state.images_seen += meta["global_batch"]
         bar.update(1)
         if state.step % t.log_every == 0 or state.update_in_epoch == updates:
-            loss_avg = acc.reduce(loss_sum / max(n_sum, 1), reduction="mean").item()
+            total = acc.reduce(torch.stack([loss_sum, torch.tensor(float(n_sum),
+                                                                   device=acc.device)]),
+                               reduction="sum")
+            loss_avg = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
             rec = {"step": state.step, "epoch": state.epoch + state.update_in_epoch / updates,
                    "loss": loss_avg, "lr": max(g["lr"] for g in optimizer.param_groups),
                    "grad_norm": float(grad_norm), "images_per_s": speed.read(),
@@ -270,7 +317,7 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, 
             bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{rec['lr']:.2e}")
             loss_sum.zero_()
             n_sum = 0
-        if state.step % t.save_every == 0:
+        if state.step % t.save_every == 0 and guards.nonfinite.in_row == 0:
             save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
     bar.close()
-    return False
+    return None

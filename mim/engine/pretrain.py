@@ -24,6 +24,7 @@ from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, 
 from mim.engine.checkpoint import state_dict_for_save
 from mim.engine.tracking import MetricsLog
 from mim.models import build_pretrainer
+from mim.models.supervised import num_classes_of
 from mim.viz import pretrain_grid, save_grid
 
 
@@ -39,9 +40,12 @@ def pretrain(cfg: Any) -> Path:
 
 
 def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
+    source = build_source(cfg.data, image_size=cfg.model.img_size, seed=cfg.run.seed)
+    if cfg.method.name == "supervised":  # resolved once; the checkpoints store the number
+        cfg.method.num_classes = num_classes_of(source, cfg.method.num_classes)
     set_seed(cfg.run.seed)
     model = build_pretrainer(cfg)
-    source = build_source(cfg.data, image_size=cfg.model.img_size, seed=cfg.run.seed)
+    needs_labels = getattr(model, "needs_labels", False)  # forward(images, labels=...)
     d = cfg.data
     loader = build_epoch_loader(
         source, pretrain_transform(cfg.model.img_size, d.crop_scale, d.mean, d.std),
@@ -57,7 +61,8 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
     global_batch = d.batch_size * acc.num_processes * accum
     lr = cfg.optim.lr or cfg.optim.base_lr * global_batch / 256
     flops = count_flops(model, torch.zeros(2, cfg.model.in_chans, cfg.model.img_size,
-                                           cfg.model.img_size))
+                                           cfg.model.img_size),
+                        **({"labels": torch.zeros(2, dtype=torch.long)} if needs_labels else {}))
     if acc.is_main_process:
         check_disk_space(run_dir, model, cfg.train.keep_last)
     model = apply_speed_options(model.to(acc.device), cfg)
@@ -89,7 +94,7 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
                          state.step if resume_from is not None else None)
     vis_images = _vis_batch(cfg, source)
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
-            "global_batch": global_batch, "flops_per_image": flops}
+            "global_batch": global_batch, "flops_per_image": flops, "needs_labels": needs_labels}
     guards = Guards(seen_bad=set(), max_bad=int(d.max_bad_fraction * len(source)
                                                 / acc.num_processes),
                     max_bad_fraction=d.max_bad_fraction,
@@ -174,7 +179,10 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
             sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
             with sync:
                 with acc.autocast():
-                    out = model(images)
+                    if meta["needs_labels"]:
+                        out = model(images, labels=batch["label"].to(acc.device))
+                    else:
+                        out = model(images)
                     loss = out.loss
                 acc.backward(loss / accum)
             update_loss += loss.detach() / accum

@@ -11,6 +11,7 @@ from mim.models.encoder import MaskedEncoder, create_encoder, create_vit
 from mim.models.mae import MAE, PretrainOutput
 from mim.models.maskfeat import MaskFeat
 from mim.models.simmim import SimMIM
+from mim.models.supervised import SupervisedPretrainer
 from mim.models.tokenizer import VQTokenizer
 
 _METHODS: dict[str, Callable[[Any], nn.Module]] = {}
@@ -41,6 +42,7 @@ register_method("simmim")(SimMIM.from_config)
 register_method("maskfeat")(MaskFeat.from_config)
 register_method("beit")(BEiT.from_config)
 register_method("vq_tokenizer")(VQTokenizer.from_config)
+register_method("supervised")(SupervisedPretrainer.from_config)
 
 
 def build_pretrainer(cfg: Any) -> nn.Module:
@@ -48,5 +50,5 @@ def build_pretrainer(cfg: Any) -> nn.Module:
     return _METHODS[cfg.method.name](cfg)
 
 
-__all__ = ["BEiT", "MAE", "MaskFeat", "MaskedEncoder", "PretrainOutput", "SimMIM", "VQTokenizer",
-           "build_pretrainer", "create_encoder", "create_vit", "list_methods", "register_method"]
+__all__ = ["BEiT", "MAE", "MaskFeat", "MaskedEncoder", "PretrainOutput", "SimMIM",
+           "SupervisedPretrainer", "VQTokenizer", "build_pretrainer", "create_encoder", "create_vit", "list_methods", "register_method"]

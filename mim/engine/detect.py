@@ -1,0 +1,389 @@
+"""Detection fine-tuning: wiring (``detect``), the loop (``train_one_epoch``) and COCO evaluation
+(``evaluate``, ``evaluate_run`` for ``mim evaluate --run``).
+
+Every evaluation writes ``predictions.json`` (COCO results, in the ground truth's image and
+category ids and the original image pixels) beside ``ground_truth.json``, appends the metrics to
+``metrics.jsonl`` and the trackers, and draws ``detections_epochXXXX.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from mim.config import ConfigError, load_config
+from mim.data.detection import build_detection_loader, detection_transform, pad_collate
+from mim.data.detection_sources import build_detection_source, coco_ground_truth
+from mim.data.loader import EpochLoader
+from mim.engine.checkpoint import state_dict_for_save
+from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, Throughput,
+                               build_optimizer, build_scheduler, check_disk_space,
+                               clip_gradients, count_flops, fmt_count, make_accelerator,
+                               prepare_run_dir, print_accounting, record_bad_samples,
+                               resolve_resume, restore_training_state, save_training_state,
+                               seed_step, start_tracking, write_json)
+from mim.engine.pretrain import Guards
+from mim.engine.tracking import MetricsLog
+from mim.losses import dense_detection_loss
+from mim.metrics.detection import METRIC_KEYS, CocoDetectionEvaluator, to_coco_results
+from mim.models.detector import DenseDetector, build_detector
+from mim.viz import detection_grid, save_grid
+
+
+@dataclass
+class DetectionData:
+    train: EpochLoader
+    val: EpochLoader
+    classes: list[str]
+    category_ids: list[int]
+    ground_truth: dict[str, Any]  # the validation split as COCO instances
+    issues: list[str]  # degenerate boxes and unreadable label lines, dropped
+
+
+def _val_loader(cfg: Any, source: Any, rank: int, world: int, size_div: int) -> EpochLoader:
+    d = cfg.data
+    return build_detection_loader(
+        source, detection_transform(cfg.model.img_size, False, d.mean, d.std,
+                                    min_box_size=d.min_box_size),
+        batch_size=d.eval_batch_size or d.batch_size, num_workers=d.num_workers, rank=rank,
+        world_size=world, seed=cfg.run.seed, size_divisibility=size_div, shuffle=False,
+        drop_last=False)
+
+
+def build_detection_data(cfg: Any, rank: int, world: int, size_div: int) -> DetectionData:
+    d, m = cfg.data, cfg.model
+    train = build_detection_source(d, m.img_size, cfg.run.seed, d.split)
+    val = build_detection_source(d, m.img_size, cfg.run.seed, d.val_split)
+    if val.classes != train.classes:
+        raise ConfigError(f"'{d.split}' and '{d.val_split}' have different classes "
+                          f"({len(train.classes)} vs {len(val.classes)})")
+    train_loader = build_detection_loader(
+        train, detection_transform(m.img_size, True, d.mean, d.std, d.hflip, d.scale_range,
+                                   d.min_box_size),
+        batch_size=d.batch_size, num_workers=d.num_workers, rank=rank, world_size=world,
+        seed=cfg.run.seed, size_divisibility=size_div, pin_memory=torch.cuda.is_available())
+    gt = coco_ground_truth(val)
+    return DetectionData(train_loader, _val_loader(cfg, val, rank, world, size_div),
+                         train.classes, train.category_ids, gt, train.issues + val.issues)
+
+
+def _num_classes(cfg: Any, classes: list[str]) -> int:
+    k = cfg.model.num_classes or len(classes)
+    if k < len(classes):
+        raise ConfigError(f"config key 'model.num_classes' ({k}) is below the dataset's "
+                          f"{len(classes)} classes")
+    return k
+
+
+def detect(cfg: Any) -> Path:
+    """Run (or resume) the detection fine-tuning ``cfg`` describes; returns the run directory."""
+    acc = make_accelerator(cfg)
+    run_dir = prepare_run_dir(acc, cfg)
+    try:
+        return _detect(acc, cfg, run_dir)
+    finally:
+        acc.end_training()
+        RunLock.release(run_dir)
+
+
+def _detect(acc, cfg: Any, run_dir: Path) -> Path:
+    set_seed(cfg.run.seed)
+    m, d, o, accum = cfg.model, cfg.data, cfg.optim, cfg.train.grad_accum_steps
+    size_div = int(m.patch_size / min(m.pyramid_scales))
+    data = build_detection_data(cfg, acc.process_index, acc.num_processes, size_div)
+    model, init_report = build_detector(cfg, _num_classes(cfg, data.classes))
+    updates_per_epoch = data.train.batches_per_epoch // accum
+    if updates_per_epoch == 0:
+        raise ConfigError(f"{len(data.train.dataset)} training images are fewer than one global "
+                          f"batch ({d.batch_size} x {acc.num_processes} x {accum}); lower "
+                          "'data.batch_size'")
+    total_updates = cfg.train.epochs * updates_per_epoch
+    global_batch = d.batch_size * acc.num_processes * accum
+    lr = o.lr or o.base_lr * global_batch / 256
+    flops = count_flops(model, torch.zeros(1, m.in_chans, m.img_size, m.img_size))
+    if acc.is_main_process:
+        check_disk_space(run_dir, model, cfg.train.keep_last)
+    optimizer = build_optimizer(model, cfg, lr,
+                                **({"layer_decay": o.layer_decay} if o.layer_decay < 1 else {}))
+    scheduler = build_scheduler(optimizer, cfg, total_updates, updates_per_epoch)
+    enc = sum(p.numel() for p in model.backbone.parameters())
+    print_accounting(acc, [
+        ("run directory", run_dir), ("init", init_report),
+        ("model", f"{m.arch}, max side {m.img_size} px, patch {m.patch_size}, pyramid strides "
+                  f"{model.strides}, {model.head.classification_head.num_anchors} anchors/pos"),
+        ("train images", len(data.train.dataset)), ("val images", len(data.val.dataset)),
+        ("classes", f"{model.num_classes}"), ("data issues", len(data.issues)),
+        ("per-device batch", d.batch_size), ("devices", f"{acc.num_processes} ({acc.device.type})"),
+        ("global batch", global_batch), ("updates / epoch", updates_per_epoch),
+        ("total updates", total_updates),
+        ("lr", f"{lr:.3g}" + ("" if o.lr else f" (base_lr {o.base_lr:g} x {global_batch} / 256)")
+         + f", layer decay {o.layer_decay:g}, clip {o.clip_grad.mode}"),
+        ("loss", f"focal (alpha {cfg.loss.focal_alpha:g}, gamma {cfg.loss.focal_gamma:g}) + "
+                 f"{cfg.loss.box} x {cfg.loss.box_weight:g}, / positives"),
+        ("parameters", f"{fmt_count(sum(p.numel() for p in model.parameters()))} "
+                       f"({fmt_count(enc)} encoder)"),
+        ("FLOPs / image", f"{fmt_count(flops)} forward at {m.img_size}x{m.img_size}"),
+    ])
+    for issue in data.issues[:5]:
+        acc.print(f"  data issue: {issue}")
+    model, optimizer = acc.prepare(model, optimizer)
+    state = LoopState()
+    resume_from = resolve_resume(cfg, run_dir)
+    if resume_from is not None:
+        state = restore_training_state(acc, cfg, resume_from, model, optimizer)
+        acc.print(f"resumed from {resume_from} at update {state.step}, epoch {state.epoch}")
+    start_tracking(acc, cfg, run_dir)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
+                         state.step if resume_from is not None else None)
+    if acc.is_main_process:
+        write_json(run_dir / "ground_truth.json", data.ground_truth)
+    meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
+            "global_batch": global_batch, "flops_per_image": flops, "lr": lr,
+            "classes": data.classes, "init": init_report}
+    last_eval: dict[str, Any] = state.extra.get("last_eval", {})
+    guards = Guards(seen_bad=set(), max_bad=int(d.max_bad_fraction * len(data.train.dataset)
+                                                / acc.num_processes),
+                    max_bad_fraction=d.max_bad_fraction,
+                    nonfinite=NonFiniteGuard(cfg.train.max_nonfinite), stop=StopRequest())
+    stopped = None
+    try:
+        while state.epoch < cfg.train.epochs and not stopped:
+            stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, data.train, state,
+                                      metrics, run_dir, meta, guards)
+            if stopped:
+                break
+            epoch = state.epoch + 1
+            if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+                last_eval = evaluate_and_log(acc, cfg, model, data, metrics, run_dir,
+                                             state.step, epoch)
+            state.epoch, state.update_in_epoch = epoch, 0
+            state.extra["last_eval"] = {k: last_eval[k] for k in METRIC_KEYS if k in last_eval}
+    finally:
+        guards.stop.restore()
+    save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+    if stopped == "signal":
+        acc.print(f"interrupted by signal {guards.stop.signum} at update {state.step}; checkpoint "
+                  "saved, resume with run.resume=auto")
+        raise SystemExit(143)
+    if stopped:
+        acc.print(f"stopped at update {state.step} (train.max_steps); resume with run.resume=auto")
+    elif acc.is_main_process:
+        net = acc.unwrap_model(model)
+        save_file(state_dict_for_save(net.state_dict()), str(run_dir / "model.safetensors"))
+        write_json(run_dir / "summary.json", {
+            **{k: last_eval.get(k) for k in METRIC_KEYS},
+            "per_class_ap": last_eval.get("per_class_ap", {}), "updates": state.step,
+            "epochs": state.epoch, "images_seen": state.images_seen,
+            "bad_samples": state.bad_samples, "nonfinite_updates": guards.nonfinite.total,
+            "data_issues": len(data.issues), "pr_score_thresh": cfg.eval.pr_score_thresh,
+            **meta})
+        acc.print(f"done: {state.step} updates, mAP {last_eval.get('map', 0):.4f}, mAP@0.5 "
+                  f"{last_eval.get('map_50', 0):.4f}. Results in {run_dir}/ (summary.json, "
+                  "metrics.jsonl, predictions.json, ground_truth.json, detections_*.png, "
+                  "model.safetensors)")
+    acc.wait_for_everyone()
+    return run_dir
+
+
+def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, state: LoopState,
+                    metrics: MetricsLog, run_dir: Path, meta: dict, guards: Guards) -> str | None:
+    """One epoch of updates from ``state.update_in_epoch``; the reason if it stopped early
+    ('max_steps', 'signal'). Non-finite updates are skipped and counted as in pretraining."""
+    t, accum, lc = cfg.train, cfg.train.grad_accum_steps, cfg.loss
+    updates = meta["updates_per_epoch"]
+    batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
+    params = [p for p in model.parameters() if p.requires_grad]
+    net: DenseDetector = acc.unwrap_model(model)
+    speed, sums, n_sum = Throughput(), torch.zeros(4, device=acc.device), 0
+    model.train()
+    bar = tqdm(total=updates, initial=state.update_in_epoch, desc=f"epoch {state.epoch}",
+               disable=not acc.is_local_main_process, leave=False, dynamic_ncols=True)
+    while state.update_in_epoch < updates:
+        if t.max_steps and state.step >= t.max_steps:
+            bar.close()
+            return "max_steps"
+        if guards.stop.agreed(acc):
+            bar.close()
+            return "signal"
+        scheduler.step_update(state.step)
+        update = torch.zeros(4, device=acc.device)  # loss, focal, box, positives
+        for micro in range(accum):
+            batch = next(batches)
+            record_bad_samples(acc, run_dir, state, batch["bad"], guards.seen_bad,
+                               guards.max_bad, guards.max_bad_fraction)
+            images = batch["images"].to(acc.device, non_blocking=True)
+            mask = batch["mask"].to(acc.device, non_blocking=True)
+            seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
+            sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
+            with sync:
+                with acc.autocast():
+                    out = model(images, mask)
+                labels, boxes = net.assign(out, batch["targets"])
+                # every process divides by the same (mean) number of positives
+                num_pos = acc.reduce((labels >= 0).sum().float(), reduction="mean")
+                losses = dense_detection_loss(
+                    out.cls_logits, out.box_deltas, out.anchors, labels, boxes, net.box_coder,
+                    alpha=lc.focal_alpha, gamma=lc.focal_gamma, box=lc.box,
+                    box_weight=lc.box_weight, num_pos=num_pos)
+                acc.backward(losses["loss"] / accum)
+            update += torch.stack([losses["loss"].detach(), losses["loss_cls"].detach(),
+                                   losses["loss_box"].detach(), num_pos.detach()]) / accum
+            speed.add(images.shape[0] * acc.num_processes)
+        grad_norm = clip_gradients(acc, params, cfg.optim.clip_grad)
+        finite, loss_ok = torch.isfinite(torch.stack([grad_norm.detach().float().reshape(()),
+                                                      update[0].float()])).tolist()
+        if finite and loss_ok:
+            sums += update
+            n_sum += 1
+        if finite or acc.scaler is not None:  # fp16: the loss scaler skips and rescales itself
+            optimizer.step()
+        if not finite:
+            acc.print(f"warning: non-finite loss or gradient at update {state.step}; skipped")
+        guards.nonfinite.update(finite, state.step)
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.update_in_epoch += 1
+        state.images_seen += meta["global_batch"]
+        bar.update(1)
+        if state.step % t.log_every == 0 or state.update_in_epoch == updates:
+            total = acc.reduce(torch.cat([sums, sums.new_tensor([float(n_sum)])]), reduction="sum")
+            avg = (total[:4] / total[4]).tolist() if total[4] > 0 else [float("nan")] * 4
+            rec = {"step": state.step, "epoch": state.epoch + state.update_in_epoch / updates,
+                   "loss": avg[0], "loss_cls": avg[1], "loss_box": avg[2], "positives": avg[3],
+                   "lr": max(g["lr"] for g in optimizer.param_groups),
+                   "grad_norm": float(grad_norm), "images_per_s": speed.read(),
+                   "bad_samples": state.bad_samples}
+            metrics.write(rec)
+            acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=state.step)
+            bar.set_postfix(loss=f"{avg[0]:.4f}", lr=f"{rec['lr']:.2e}")
+            sums.zero_()
+            n_sum = 0
+        if state.step % t.save_every == 0 and guards.nonfinite.in_row == 0:
+            save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+    bar.close()
+    return None
+
+
+def _to_original(det: dict[str, torch.Tensor], size: torch.Tensor, orig: torch.Tensor
+                 ) -> torch.Tensor:
+    """Boxes from the resized image back to the original image's pixels."""
+    boxes = det["boxes"].float().cpu().clone()
+    boxes[:, 0::2] *= float(orig[1]) / float(size[1])
+    boxes[:, 1::2] *= float(orig[0]) / float(size[0])
+    return boxes
+
+
+@torch.no_grad()
+def predict(acc, model: torch.nn.Module, loader: EpochLoader, cfg: Any,
+            category_ids: list[int]) -> list[dict[str, Any]]:
+    """COCO results of the whole split: every process its shard, gathered on every process."""
+    net: DenseDetector = acc.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    ev, results = cfg.eval, []
+    for batch in loader.epoch(0):
+        with acc.autocast():
+            out = net(batch["images"].to(acc.device), batch["mask"].to(acc.device))
+        dets = net.postprocess(out, batch["sizes"], ev.score_thresh, ev.nms_iou,
+                               ev.topk_candidates, ev.max_detections)
+        for det, image_id, size, orig in zip(dets, batch["image_ids"], batch["sizes"],
+                                             batch["orig_sizes"]):
+            results += to_coco_results(int(image_id), _to_original(det, size, orig),
+                                       det["scores"].cpu(), det["labels"].cpu(), category_ids)
+    net.train(was_training)
+    return gather_object(results) if acc.num_processes > 1 else results
+
+
+def evaluate_and_log(acc, cfg: Any, model: torch.nn.Module, data: DetectionData,
+                     metrics: MetricsLog, run_dir: Path, step: int, epoch: int) -> dict[str, Any]:
+    results = predict(acc, model, data.val, cfg, data.category_ids)
+    out: dict[str, Any] = {}
+    if acc.is_main_process:
+        write_json(run_dir / "predictions.json", results)
+        out = _compute(data.ground_truth, results, cfg.eval.pr_score_thresh)
+        record = {"step": step, "epoch": epoch, **{f"val/{k}": out[k] for k in METRIC_KEYS}}
+        metrics.write({**record, "val/per_class_ap": out["per_class_ap"]})
+        logged = {k: v for k, v in record.items() if k != "step"}
+        logged.update({f"val/ap/{n}": v for n, v in out["per_class_ap"].items() if v is not None})
+        png = save_detection_picture(acc, cfg, model, data,
+                                     run_dir / f"detections_epoch{epoch:04d}.png")
+        acc.log(logged, step=step)
+        for tracker in acc.trackers:
+            if tracker.name == "wandb" and png is not None:
+                import wandb
+
+                tracker.log({"val/detections": wandb.Image(str(png), caption=f"epoch {epoch}")},
+                            step=step)
+        acc.print(f"epoch {epoch}: mAP {out['map']:.4f}  mAP@0.5 {out['map_50']:.4f}  "
+                  f"AR@100 {out['mar_100']:.4f}  P@0.5 {out['precision_50']:.3f}  "
+                  f"R@0.5 {out['recall_50']:.3f} (score >= {cfg.eval.pr_score_thresh:g})")
+    acc.wait_for_everyone()
+    return out
+
+
+@torch.no_grad()
+def save_detection_picture(acc, cfg: Any, model: torch.nn.Module, data: DetectionData,
+                           path: Path) -> Path | None:
+    """The first ``eval.vis_images`` validation images with predictions and ground truth."""
+    n = min(cfg.eval.vis_images, len(data.val.dataset))
+    if n == 0:
+        return None
+    net: DenseDetector = acc.unwrap_model(model)
+    batch = pad_collate([data.val.dataset[i] for i in range(n)], net.size_divisibility)
+    was_training = net.training
+    net.eval()
+    with acc.autocast():
+        out = net(batch["images"].to(acc.device), batch["mask"].to(acc.device))
+    ev = cfg.eval
+    dets = net.postprocess(out, batch["sizes"], ev.score_thresh, ev.nms_iou, ev.topk_candidates,
+                           ev.max_detections)
+    net.train(was_training)
+    grid = detection_grid(batch["images"], cfg.data.mean, cfg.data.std, dets, batch["targets"],
+                          data.classes, ev.pr_score_thresh)
+    save_grid(grid, path)
+    return path
+
+
+def evaluate_run(run: str | Path, split: str = "") -> dict[str, Any]:
+    """``mim evaluate --run``: re-evaluate a finished detection run's final model on ``split``
+    (default: its validation split); writes ``evaluate_<split>.json`` and the predictions."""
+    run_dir = Path(run)
+    weights = run_dir / "model.safetensors"
+    if not (run_dir / "config.yaml").is_file() or not weights.is_file():
+        raise ConfigError(f"--run: {run_dir} is not a finished mim detection run "
+                          "(needs config.yaml and model.safetensors)")
+    cfg = load_config(run_dir / "config.yaml", ["init=scratch", "tracking.backend=none",
+                                                "run.resume=none"], job="detect")
+    split = split or cfg.data.val_split
+    acc = make_accelerator(cfg)
+    source = build_detection_source(cfg.data, cfg.model.img_size, cfg.run.seed, split)
+    model, _ = build_detector(cfg, _num_classes(cfg, source.classes), load_init=False)
+    model.load_state_dict(load_file(str(weights)))
+    model.to(acc.device)
+    loader = _val_loader(cfg, source, acc.process_index, acc.num_processes,
+                         model.size_divisibility)
+    results = predict(acc, model, loader, cfg, source.category_ids)
+    out: dict[str, Any] = {}
+    if acc.is_main_process:
+        gt = coco_ground_truth(source)
+        write_json(run_dir / f"predictions_{split}.json", results)
+        write_json(run_dir / f"ground_truth_{split}.json", gt)
+        out = _compute(gt, results, cfg.eval.pr_score_thresh)
+        write_json(run_dir / f"evaluate_{split}.json", {"split": split, **out})
+        print(json.dumps({k: out[k] for k in METRIC_KEYS}))
+    acc.wait_for_everyone()
+    return out
+
+
+def _compute(gt: dict[str, Any], results: list[dict[str, Any]], thresh: float) -> dict[str, Any]:
+    evaluator = CocoDetectionEvaluator(gt, thresh)
+    evaluator.update(results)
+    return evaluator.compute()
