@@ -393,7 +393,7 @@ def _optimizer_part(report, targets, raw, best_mim_cfg, device, quick, workdir, 
 
 def _pipeline_part(report, targets, raw, best_mim_cfg, device, quick, workdir, start) -> None:
     say(f"== input pipeline ({time.perf_counter() - start:.0f} s)")
-    report += ["### Input pipeline: decode + MAE augmentation, one worker (1 process, 1 thread)"]
+    report += ["### Input pipeline: decode + MAE augmentation, one DataLoader worker"]
     cfg0 = best_mim_cfg[0]
     d = cfg0.data
     sizes = [(500, 375), (2048, 1536)]
@@ -428,7 +428,8 @@ def _real_run_part(report, targets, raw, best_mim_cfg, device, quick, workdir, s
     root = make_jpeg_folder(workdir / "jpeg_run", n_img, (500, 375))
     real = real_run_data_wait(run_cfg, root, steps=steps, log_every=max(steps // 4, 1),
                               workdir=workdir / "runs")
-    lines = [(f"### Real run: `mim pretrain` on {n_img} JPEGs (500x375), {workers} workers, "
+    lines = [(f"### Real run: `mim pretrain` on {n_img} JPEGs (500x375), {workers} "
+              f"worker{'s' if workers > 1 else ''}, "
               f"train.compile={run_cfg.train.compile}"),
              (f"images/s {real.images_per_s:.1f} (step benchmark {step_rate:.1f}: "
               f"{real.images_per_s / step_rate:.2f}x), waiting for data "
