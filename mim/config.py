@@ -356,7 +356,8 @@ class DetectTrainConfig:
 @dataclass
 class DetectConfig:
     task: Literal["detect"] = "detect"  # marks the file as a detection config
-    init: str = "scratch"  # scratch | a mim pretraining run directory | an encoder .safetensors
+    init: str = "scratch"  # as fine-tuning: scratch | mim run | .safetensors | MAE/BEiT .pth | timm:<name>
+    init_file: str = ""  # timm:<name> weights from a local file instead of a download
     run: RunConfig = field(default_factory=RunConfig)
     model: DetectModelConfig = field(default_factory=DetectModelConfig)
     data: DetectDataConfig = field(default_factory=DetectDataConfig)
@@ -744,8 +745,7 @@ def _validate_method(cfg: Any) -> None:
                f"the model {model.in_chans}")
 
 
-def _validate_finetune(cfg: Any) -> None:
-    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+def _validate_init(cfg: Any) -> None:
     init = cfg.init
     _check(init == "scratch" or init.startswith("timm:") or Path(init).exists(),
            f"config key 'init' must be 'scratch', 'timm:<name>' or an existing path, got {init!r}")
@@ -753,6 +753,11 @@ def _validate_finetune(cfg: Any) -> None:
            "config key 'init_file' goes with init=timm:<name> only")
     _check(not cfg.init_file or Path(cfg.init_file).is_file(),
            f"config key 'init_file': no such file: {cfg.init_file}")
+
+
+def _validate_finetune(cfg: Any) -> None:
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    _validate_init(cfg)
     _check(m.num_classes >= 0, "config key 'model.num_classes' must be >= 0")
     _check(m.head_init_std > 0, "config key 'model.head_init_std' must be positive")
     _check(cfg.tune.blocks >= 1, "config key 'tune.blocks' must be >= 1")
@@ -793,9 +798,7 @@ def _validate_finetune(cfg: Any) -> None:
 
 def _validate_detect(cfg: Any) -> None:
     m, d, o, lo, ev = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.eval
-    init = cfg.init
-    _check(init == "scratch" or Path(init).exists(),
-           f"config key 'init' must be 'scratch' or an existing path, got {init!r}")
+    _validate_init(cfg)
     _check(m.num_classes >= 0, "config key 'model.num_classes' must be >= 0")
     _check(m.pyramid_dim > 0, "config key 'model.pyramid_dim' must be positive")
     scales = m.pyramid_scales

@@ -11,6 +11,7 @@
 #   4. a table of the results and of each run's CPU time.
 # Usage: bash scripts/detect_results.sh [OUT_DIR]        (default runs/detect)
 #        RUNS="fmnist-scratch coco128-scratch" bash scripts/detect_results.sh   (a subset)
+#        RUNS="fmnist-scratch-s1" ...   (seed 1; the default set is seed 0)
 #        FMNIST_RUNS=DIR: where the classification study's runs are (default runs/fmnist)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -36,9 +37,10 @@ if [[ "$RUNS" == *-supervised* && ! -f "$SUP" ]]; then
         train.epochs=1 train.eval_every=1 optim.warmup_epochs=0.1
 fi
 
-for run in $RUNS; do
-    data="${run%%-*}"
-    case "${run#*-}" in
+for run in $RUNS; do  # DATA-INIT, or DATA-INIT-sN for seed N (default 0)
+    IFS=- read -r data which seed <<<"$run"
+    seed="${seed:-s0}"
+    case "$which" in
         scratch) init=scratch ;;
         mae) init="$MAE" ;;
         supervised) init="$SUP" ;;
@@ -46,8 +48,8 @@ for run in $RUNS; do
     esac
     [ -f "$OUT/$run/summary.json" ] && continue
     /usr/bin/time -f '{"wall_s": %e, "cpu_s": %U, "sys_s": %S}' -o "$OUT/$run.time.json" \
-        "${MIM[@]}" detect --config "configs/detect/$data.yaml" run.output_dir="$OUT" \
-        run.name="$run" init="$init" run.resume=none
+        "${MIM[@]}" finetune --config "configs/detect/$data.yaml" run.output_dir="$OUT" \
+        run.name="$run" init="$init" run.seed="${seed#s}" run.resume=none
 done
 
 python - "$OUT" <<'PY'
@@ -58,13 +60,16 @@ keys = ("map", "map_50", "map_75", "mar_100", "precision_50", "recall_50")
 print("| set | init | " + " | ".join(keys) + " | updates | CPU min |")
 print("|---|---|" + "---|" * (len(keys) + 2))
 for data in ("fmnist", "coco128"):
-    for init in ("scratch", "mae", "supervised"):
-        f = out / f"{data}-{init}" / "summary.json"
+    runs = [f"{data}-{init}" for init in ("scratch", "mae", "supervised")]
+    runs += sorted(p.name for p in out.glob(f"{data}-*-s*") if p.is_dir())
+    for run in runs:
+        init = run.split("-", 1)[1]
+        f = out / run / "summary.json"
         if not f.is_file():
             print(f"| {data} | {init} | " + " | ".join("not run" for _ in keys) + " | | |")
             continue
         s = json.loads(f.read_text())
-        t = out / f"{data}-{init}.time.json"
+        t = out / f"{run}.time.json"
         cpu = json.loads(t.read_text()) if t.is_file() else {}
         minutes = (cpu.get("cpu_s", 0) + cpu.get("sys_s", 0)) / 60
         print(f"| {data} | {init} | " + " | ".join(f"{100 * s[k]:.1f}" for k in keys)

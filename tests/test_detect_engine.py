@@ -1,17 +1,22 @@
 """End-to-end detection fine-tuning of a tiny ViT detector on the synthetic set, on CPU."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 
 from mim.cli import main
 from mim.config import ConfigError, load_config
 from mim.engine.detect import detect
 from mim.engine.tracking import read_metrics
 from mim.metrics.detection import METRIC_KEYS
+from tests.conftest import REPO
 
-TINY = ["model.arch=vit_tiny_patch16_224", "model.img_size=64", "model.patch_size=8",
+TINY = ["task=detect", "model.arch=vit_tiny_patch16_224", "model.img_size=64", "model.patch_size=8",
         "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pyramid_dim=32",
         "data.synthetic=true", "data.num_workers=0", "tracking.backend=none",
         "run.resume=none", "train.log_every=1"]
@@ -80,12 +85,13 @@ def test_overfits_a_handful_of_synthetic_images(tmp_path):
     ("data.scale_range=[0.5,2]", r"'data.scale_range'"),
     ("loss.focal_gama=2", r"unknown config key 'loss.focal_gama' \(did you mean"),
     ("data.format=voc", r"'data.format' must be one of"),
-    ("init=/no/such/run", r"'init' must be 'scratch' or an existing path"),
+    ("init=/no/such/run", r"'init' must be 'scratch', 'timm:<name>' or an existing path"),
+    ("task=segment", r"'task' must be one of \['detect'\]"),
 ])
 def test_config_errors_name_the_key(override, match, capsys):
     with pytest.raises(ConfigError, match=match):
         load_config(None, TINY + [override], job="detect")
-    assert main(["detect", *TINY, override]) == 2
+    assert main(["finetune", *TINY, override]) == 2
     assert capsys.readouterr().err.startswith("mim: error: ")
 
 
@@ -106,12 +112,6 @@ def test_interrupted_run_resumes_to_the_same_losses_and_metrics(tmp_path):
 
 
 def test_two_processes_train_and_evaluate_exactly(tmp_path, capsys):
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
     over = TINY + [f"run.output_dir={tmp_path}", "run.name=ddp", "data.synthetic_size=32",
                    "data.batch_size=8", "train.epochs=1", "eval.vis_images=2",
                    "eval.score_thresh=0"]  # an untrained model scores ~0.01 (the prior)
@@ -119,7 +119,7 @@ def test_two_processes_train_and_evaluate_exactly(tmp_path, capsys):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--main_process_port", "29521", "-m", "mim"]
-    r = subprocess.run(launch + ["detect", *over], capture_output=True, text=True, timeout=300,
+    r = subprocess.run(launch + ["finetune", *over], capture_output=True, text=True, timeout=300,
                        env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "devices           2 (cpu)" in r.stdout
@@ -134,3 +134,15 @@ def test_two_processes_train_and_evaluate_exactly(tmp_path, capsys):
     assert main(["evaluate", "--run", str(tmp_path / "ddp")]) == 0
     one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert two == one == {k: summary[k] for k in METRIC_KEYS}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/detect").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_detection_configs_validate(path):
+    from mim.cli import finetune_task
+
+    raw = yaml.safe_load(path.read_text())
+    assert finetune_task(str(path), []) == "detect"
+    over = [] if (raw.get("data") or {}).get("synthetic") else \
+        ["data.synthetic=true", "data.path=", "data.name="]
+    load_config(path, over, job="detect")

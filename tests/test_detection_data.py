@@ -95,7 +95,7 @@ def test_synthetic_boxes_are_exact_and_reproducible():
     empty = 0
     for i in range(len(src)):
         img, ann, _ = src.load(i)
-        arr = np.asarray(img).astype(int)
+        assert img.size == (ann.width, ann.height)
         empty += len(ann.boxes) == 0
         for x0, y0, x1, y1 in ann.boxes.astype(int):
             assert x1 > x0 and y1 > y0 and x1 <= ann.width and y1 <= ann.height

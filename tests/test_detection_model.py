@@ -119,7 +119,8 @@ def test_init_from_an_encoder_file_resamples_position_embedding(tmp_path):
     model, report = build_detector(cfg, 3)
     got = model.backbone.vit
     assert torch.equal(got.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
-    assert got.pos_embed.shape == (1, 1 + 64, 32) and "head.weight" in report
+    assert got.pos_embed.shape == (1, 1 + 64, 32) and "head.weight" in report.unexpected
+    assert report.adapted and report.adapted[0].startswith("pos_embed")
     assert torch.allclose(got.pos_embed[:, 0], vit.pos_embed[:, 0])  # class token row kept
 
 

@@ -57,7 +57,7 @@ class DetectionDataset(TransformedDataset):
         for attempt in range(16):
             i = (index + attempt * 7919) % n
             try:
-                img, ann, path = self.source.load(i)
+                img, ann, _ = self.source.load(i)
             except UnreadableImage as e:
                 bad.append((e.path, e.reason))
                 continue

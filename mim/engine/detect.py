@@ -116,7 +116,7 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
     scheduler = build_scheduler(optimizer, cfg, total_updates, updates_per_epoch)
     enc = sum(p.numel() for p in model.backbone.parameters())
     print_accounting(acc, [
-        ("run directory", run_dir), ("init", init_report),
+        ("run directory", run_dir), ("init", f"{cfg.init} ({init_report.kind})"),
         ("model", f"{m.arch}, max side {m.img_size} px, patch {m.patch_size}, pyramid strides "
                   f"{model.strides}, {model.head.classification_head.num_anchors} anchors/pos"),
         ("train images", len(data.train.dataset)), ("val images", len(data.val.dataset)),
@@ -132,6 +132,8 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
                        f"({fmt_count(enc)} encoder)"),
         ("FLOPs / image", f"{fmt_count(flops)} forward at {m.img_size}x{m.img_size}"),
     ])
+    for line in init_report.lines():
+        acc.print(line)
     for issue in data.issues[:5]:
         acc.print(f"  data issue: {issue}")
     model, optimizer = acc.prepare(model, optimizer)
@@ -147,7 +149,7 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
         write_json(run_dir / "ground_truth.json", data.ground_truth)
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
             "global_batch": global_batch, "flops_per_image": flops, "lr": lr,
-            "classes": data.classes, "init": init_report}
+            "classes": data.classes, "init": init_report.to_dict()}
     last_eval: dict[str, Any] = state.extra.get("last_eval", {})
     guards = Guards(seen_bad=set(), max_bad=int(d.max_bad_fraction * len(data.train.dataset)
                                                 / acc.num_processes),
@@ -360,8 +362,9 @@ def evaluate_run(run: str | Path, split: str = "") -> dict[str, Any]:
     if not (run_dir / "config.yaml").is_file() or not weights.is_file():
         raise ConfigError(f"--run: {run_dir} is not a finished mim detection run "
                           "(needs config.yaml and model.safetensors)")
-    cfg = load_config(run_dir / "config.yaml", ["init=scratch", "tracking.backend=none",
-                                                "run.resume=none"], job="detect")
+    cfg = load_config(run_dir / "config.yaml", ["init=scratch", "init_file=",
+                                                "tracking.backend=none", "run.resume=none"],
+                      job="detect")
     split = split or cfg.data.val_split
     acc = make_accelerator(cfg)
     source = build_detection_source(cfg.data, cfg.model.img_size, cfg.run.seed, split)

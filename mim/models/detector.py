@@ -18,13 +18,11 @@ predictions: an image's detections do not depend on how much its batch was padde
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from timm.layers import LayerNorm2d, resample_abs_pos_embed
+from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -34,8 +32,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
-from mim.config import ConfigError
 from mim.models.encoder import create_vit
+from mim.models.init import InitReport, load_encoder_init
 
 
 class ViTFeatureMap(nn.Module):
@@ -110,7 +108,7 @@ class SimpleFeaturePyramid(nn.Module):
                     layers.append(nn.ConvTranspose2d(dim, dim // 2, 2, stride=2))
                     dim //= 2
             elif s < 1:
-                k = int(round(1 / s))
+                k = round(1 / s)
                 layers.append(nn.MaxPool2d(k, stride=k))
             self.resample.append(nn.Sequential(*layers))
             self.project.append(nn.Sequential(
@@ -269,47 +267,14 @@ class DenseDetector(nn.Module):
                             (r"^backbone\.vit\.norm", (99999,))])
 
 
-def load_encoder_weights(vit: VisionTransformer, init: str) -> str:
-    """Load a mim encoder (a pretraining run directory or any timm-keyed ``.safetensors``)
-    into ``vit``, resampling the position table to the model's grid; returns a report line.
-
-    A stand-in until the shared ``mim.models.init.load_encoder_init`` is on main.
-    """
-    if init == "scratch":
-        return "init: scratch (random initialisation)"
-    path = Path(init)
-    if path.is_dir():
-        path = path / "encoder.safetensors"
-    if not path.is_file() or path.suffix != ".safetensors":
-        raise ConfigError(f"config key 'init': no encoder .safetensors at {path}")
-    state = load_file(str(path))
-    own = vit.state_dict()
-    pos = state.get("pos_embed")
-    if pos is not None and pos.shape != own["pos_embed"].shape:
-        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-        state["pos_embed"] = resample_abs_pos_embed(pos, list(vit.patch_embed.grid_size),
-                                                    num_prefix_tokens=prefix)
-    skipped = sorted(k for k in state if k not in own or k.startswith(("head.", "fc_norm.")))
-    state = {k: v for k, v in state.items() if k not in skipped}
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if v.shape != own[k].shape]
-    if wrong:
-        raise ConfigError(f"config key 'init': {path} does not fit the model: {wrong[:3]}")
-    missing, _ = vit.load_state_dict(state, strict=False)
-    line = f"init: {len(state)} tensors from {path}"
-    if missing:
-        line += f"; missing (random): {', '.join(missing[:6])}"
-    if skipped:
-        line += f"; skipped: {', '.join(skipped[:6])}"
-    return line
-
-
 def build_detector(cfg: Any, num_classes: int, load_init: bool = True
-                   ) -> tuple[DenseDetector, str]:
-    """The detector ``cfg`` (a DetectConfig) describes, with its encoder initialised."""
+                   ) -> tuple[DenseDetector, InitReport]:
+    """The detector ``cfg`` (a DetectConfig) describes, its encoder initialised from
+    ``cfg.init`` as in classification fine-tuning (position table resampled to the grid)."""
     m = cfg.model
     vit = create_vit(m)
-    report = load_encoder_weights(vit, cfg.init) if load_init else "init: skipped"
+    report = (load_encoder_init(vit, cfg.init, cfg.init_file) if load_init
+              else InitReport(kind="scratch", source=""))
     model = DenseDetector(vit, num_classes, m.pyramid_dim, tuple(m.pyramid_scales),
                           m.anchor_scale, m.anchor_octaves, tuple(m.anchor_ratios),
                           cfg.loss.fg_iou, cfg.loss.bg_iou)
