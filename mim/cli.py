@@ -59,21 +59,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _is_detection(config_file: str | Path | None) -> bool:
-    if not config_file or not Path(config_file).is_file():
-        return False
-    try:
-        raw = yaml.safe_load(Path(config_file).read_text()) or {}
-    except yaml.YAMLError:
-        return False
-    return isinstance(raw, dict) and raw.get("task") == "detect"
+def finetune_task(config: str | Path | None, overrides: list[str]) -> str:
+    """The ``task`` a fine-tuning config names (YAML ``task:`` or a ``task=`` override);
+    "classify" when it names none."""
+    task = "classify"
+    if config and Path(config).is_file():
+        try:
+            raw = yaml.safe_load(Path(config).read_text())
+        except yaml.YAMLError:
+            raw = None  # load_config reports it
+        if isinstance(raw, dict) and "task" in raw:
+            task = str(raw["task"])
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "task":
+            task = value.strip()
+    if task not in ("classify", "detect"):
+        raise ConfigError(f"config key 'task' must be 'detect' (or absent for classification), "
+                          f"got {task!r}")
+    return task
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command in CONFIG_COMMANDS:
         command = args.command
-        if command == "finetune" and (_is_detection(args.config)
-                                      or "task=detect" in args.overrides):
+        if command == "finetune" and finetune_task(args.config, args.overrides) == "detect":
             command = "detect"
         job, target, _ = CONFIG_COMMANDS[command]
         cfg = load_config(args.config, args.overrides, job=job)
@@ -84,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         getattr(importlib.import_module(module), func)(cfg)
         return 0
     if args.command == "evaluate":
-        if _is_detection(Path(args.run) / "config.yaml"):
+        if finetune_task(Path(args.run) / "config.yaml", []) == "detect":
             from mim.engine.detect import evaluate_run
         else:
             from mim.engine.evaluate import evaluate_run

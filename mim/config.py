@@ -564,6 +564,10 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
     args = typing.get_args(t)
     bad = ConfigError(f"config key '{key}' must be {_type_name(t)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+            # YAML 1.1 reads no/off/yes/on as booleans: map them back onto the string choices
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((w for w in words if w in args), value)
         if value not in args:
             raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
         return value
