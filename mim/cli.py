@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         c.add_argument("--print-config", action="store_true",
                        help="print the resolved config and exit")
+    sub.add_parser("benchmark", add_help=False,
+                   help="training-step, input-pipeline and scaling benchmarks against references "
+                        "(mim benchmark --help)")
     ev = sub.add_parser("evaluate", help="re-evaluate a finished fine-tuning or detection run")
     ev.add_argument("--run", required=True, help="the run directory")
     ev.add_argument("--split", default="", help="dataset split (default: the run's val split)")
@@ -108,6 +111,11 @@ def _evaluate_detections(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["benchmark"]:  # its own parser (mim/bench/__init__.py)
+        from mim.bench import main as benchmark
+
+        return benchmark(argv[1:])
     args = _parser().parse_args(argv)
     try:
         return _run(args)

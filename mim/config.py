@@ -90,6 +90,8 @@ class DataConfig:
     label_column: str = ""  # empty: "label" or "labels" when present
     batch_size: int = 64  # per device
     num_workers: int = 4
+    # JPEGs decode at 1/2, 1/4 or 1/8 size (PIL draft) when every random crop keeps full resolution
+    reduced_decode: bool = True
     max_bad_fraction: float = 0.01  # stop when more of the dataset than this is unreadable
     crop_scale: tuple[float, float] = (0.2, 1.0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -125,6 +127,8 @@ class TrainConfig:
     keep_last: int = 2
     vis_every: int = 1  # epochs between reconstruction grids; 0 = only at the end
     vis_images: int = 8
+    compile: bool = False  # torch.compile each transformer block (regional compilation)
+    grad_checkpointing: bool = False  # recompute block activations in backward (ViT-L/H memory)
     max_nonfinite: int = 10  # stop after this many non-finite updates in a row
     dist_timeout_s: int = 600  # a collective waiting longer than this fails (dead peer)
 
