@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
+
+import yaml
 
 from mim.config import ConfigError, RunError, load_config
 from mim.engine.checkpoint import UnsafeCheckpoint
@@ -18,17 +21,17 @@ from mim.engine.checkpoint import UnsafeCheckpoint
 # command -> (config schema, "module:function" run with the validated config, help)
 CONFIG_COMMANDS = {
     "pretrain": ("pretrain", "mim.engine.pretrain:pretrain",
-                 "self-supervised pretraining (MAE, SimMIM, MaskFeat, BEiT)"),
+                 "self-supervised pretraining (MAE, SimMIM, MaskFeat, BEiT, supervised)"),
     "tokenizer": ("pretrain", "mim.engine.tokenizer:train_tokenizer",
                   "train the visual tokenizer BEiT predicts (vq_tokenizer)"),
     "finetune": ("finetune", "mim.engine.finetune:finetune",
-                 "fine-tune a classifier, or a detector (task: detect), from an encoder "
-                 "(init=...)"),
+                 "fine-tune from an encoder checkpoint (init=...): classification, or detection "
+                 "for a config with 'task: detect'"),
+    "detect": ("detect", "mim.engine.detect:detect",
+               "detection fine-tuning (ViT + feature pyramid + RetinaNet)"),
     "compare": ("compare", "mim.engine.compare:compare",
-                "fine-tune several inits x label fractions x seeds; report the differences"),
+                "fine-tune every init x label fraction x seed and write one report"),
 }
-# tasks of `mim finetune` other than classification: task -> (config schema, engine)
-FINETUNE_TASKS = {"detect": ("detect", "mim.engine.detect:detect")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,8 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         c.add_argument("--print-config", action="store_true",
                        help="print the resolved config and exit")
-    ev = sub.add_parser("evaluate", help="re-evaluate a fine-tuning run (classifier or detector)")
-    ev.add_argument("--run", required=True, help="the fine-tuning run directory")
+    sub.add_parser("benchmark", add_help=False,
+                   help="training-step, input-pipeline and scaling benchmarks against references "
+                        "(mim benchmark --help)")
+    ev = sub.add_parser("evaluate", help="re-evaluate a finished fine-tuning or detection run")
+    ev.add_argument("--run", required=True, help="the run directory")
     ev.add_argument("--split", default="", help="dataset split (default: the run's val split)")
     evd = sub.add_parser("evaluate-detections",
                          help="COCO metrics of any detector's results file, as one JSON object")
@@ -53,11 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def finetune_task(config: str | None, overrides: list[str]) -> str:
+def finetune_task(config: str | Path | None, overrides: list[str]) -> str:
     """The ``task`` a fine-tuning config names (YAML ``task:`` or a ``task=`` override);
     "classify" when it names none."""
-    import yaml
-
     task = "classify"
     if config and Path(config).is_file():
         try:
@@ -70,29 +74,27 @@ def finetune_task(config: str | None, overrides: list[str]) -> str:
         key, _, value = item.partition("=")
         if key.strip() == "task":
             task = value.strip()
-    if task != "classify" and task not in FINETUNE_TASKS:
-        raise ConfigError(f"config key 'task' must be one of {list(FINETUNE_TASKS)} "
-                          f"(or absent for classification), got {task!r}")
+    if task not in ("classify", "detect"):
+        raise ConfigError(f"config key 'task' must be 'detect' (or absent for classification), "
+                          f"got {task!r}")
     return task
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command in CONFIG_COMMANDS:
-        job, target, _ = CONFIG_COMMANDS[args.command]
-        if args.command == "finetune":
-            task = finetune_task(args.config, args.overrides)
-            job, target = FINETUNE_TASKS.get(task, (job, target))
+        command = args.command
+        if command == "finetune" and finetune_task(args.config, args.overrides) == "detect":
+            command = "detect"
+        job, target, _ = CONFIG_COMMANDS[command]
         cfg = load_config(args.config, args.overrides, job=job)
         if args.print_config:
-            import yaml
-
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
         module, func = target.split(":")
         getattr(importlib.import_module(module), func)(cfg)
         return 0
     if args.command == "evaluate":
-        if finetune_task(str(Path(args.run) / "config.yaml"), []) == "detect":
+        if finetune_task(Path(args.run) / "config.yaml", []) == "detect":
             from mim.engine.detect import evaluate_run
         else:
             from mim.engine.evaluate import evaluate_run
@@ -104,8 +106,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _evaluate_detections(args: argparse.Namespace) -> int:
-    import json
-
     from mim.metrics.detection import METRIC_KEYS, evaluate_files
 
     for flag, path in (("--gt", args.gt), ("--pred", args.pred)):
@@ -121,6 +121,11 @@ def _evaluate_detections(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["benchmark"]:  # its own parser (mim/bench/__init__.py)
+        from mim.bench import main as benchmark
+
+        return benchmark(argv[1:])
     args = _parser().parse_args(argv)
     try:
         return _run(args)

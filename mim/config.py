@@ -90,6 +90,8 @@ class DataConfig:
     label_column: str = ""  # empty: "label" or "labels" when present
     batch_size: int = 64  # per device
     num_workers: int = 4
+    # JPEGs decode at 1/2, 1/4 or 1/8 size (PIL draft) when every random crop keeps full resolution
+    reduced_decode: bool = True
     max_bad_fraction: float = 0.01  # stop when more of the dataset than this is unreadable
     crop_scale: tuple[float, float] = (0.2, 1.0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -125,6 +127,8 @@ class TrainConfig:
     keep_last: int = 2
     vis_every: int = 1  # epochs between reconstruction grids; 0 = only at the end
     vis_images: int = 8
+    compile: bool = False  # torch.compile each transformer block (regional compilation)
+    grad_checkpointing: bool = False  # recompute block activations in backward (ViT-L/H memory)
     max_nonfinite: int = 10  # stop after this many non-finite updates in a row
     dist_timeout_s: int = 600  # a collective waiting longer than this fails (dead peer)
 
@@ -268,69 +272,6 @@ class FinetuneConfig:
         _validate_finetune(self)
 
 
-# ----------------------------------------------------------------------------- comparison
-
-
-@dataclass
-class CompareRunConfig:
-    name: str = "compare"
-    output_dir: str = "runs"
-
-
-@dataclass
-class CompareConfig:
-    """``mim compare``: every init x label fraction x seed fine-tuned with one recipe."""
-
-    run: CompareRunConfig = field(default_factory=CompareRunConfig)
-    # name -> init, as the fine-tune key 'init' takes it: scratch | a run dir | file | timm:<name>
-    inits: dict[str, str] = field(default_factory=dict)
-    init_files: dict[str, str] = field(default_factory=dict)  # name -> local file for timm:<name>
-    finetune: str = ""  # the downstream fine-tune config file (classification)
-    overrides: list[str] = field(default_factory=list)  # key=value over it, for every cell
-    label_fractions: list[float] = field(default_factory=lambda: [1.0])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    metric: Literal["top1", "top5", "macro_f1", "loss"] = "top1"
-    score: Literal["final", "best"] = "final"  # best = the best epoch on validation (optimistic)
-    allow_resample: bool = False  # accept inits whose pos/patch embeddings need resampling
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
-
-    def validate(self) -> None:
-        _check(bool(self.run.name) and "/" not in self.run.name,
-               f"config key 'run.name' must be a non-empty name without '/', got {self.run.name!r}")
-        _check(bool(self.inits), "config key 'inits' must name at least one init (name: init)")
-        for name, init in self.inits.items():
-            _check(bool(name) and all(c.isalnum() or c in "-_." for c in name),
-                   f"config key 'inits.{name}': init names may hold letters, digits, '-_.' only")
-            _check(init == "scratch" or init.startswith("timm:") or Path(init).exists(),
-                   f"config key 'inits.{name}' must be 'scratch', 'timm:<name>' or an existing "
-                   f"path, got {init!r}")
-        for name, f in self.init_files.items():
-            _check(self.inits.get(name, "").startswith("timm:"),
-                   f"config key 'init_files.{name}' goes with a timm:<name> init only")
-            _check(Path(f).is_file(), f"config key 'init_files.{name}': no such file: {f}")
-        _check(bool(self.finetune) and Path(self.finetune).is_file(),
-               f"config key 'finetune' must name a fine-tune config file, got {self.finetune!r}")
-        _check(bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions),
-               f"config key 'label_fractions' must be values in (0, 1], got {self.label_fractions}")
-        _check(len(set(self.label_fractions)) == len(self.label_fractions),
-               "config key 'label_fractions' holds a value twice")
-        _check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
-               f"config key 'seeds' must be distinct seeds, got {self.seeds}")
-        for item in self.overrides:
-            key = item.partition("=")[0].strip()
-            _check("=" in item and bool(key), f"config key 'overrides': '{item}' is not key=value")
-            _check(key not in ("init", "init_file", "data.label_fraction", "run.seed", "run.name",
-                               "run.output_dir", "run.resume"),
-                   f"config key 'overrides': '{key}' is set by the comparison for every cell")
-
-
 # ----------------------------------------------------------------------------- detection
 
 
@@ -438,8 +379,71 @@ class DetectConfig:
         _validate_detect(self)
 
 
+# ----------------------------------------------------------------------------- comparison
+
+
+@dataclass
+class CompareRunConfig:
+    name: str = "compare"
+    output_dir: str = "runs"
+
+
+@dataclass
+class CompareConfig:
+    """``mim compare``: every init x label fraction x seed fine-tuned with one recipe."""
+
+    run: CompareRunConfig = field(default_factory=CompareRunConfig)
+    # name -> init, as the fine-tune key 'init' takes it: scratch | a run dir | file | timm:<name>
+    inits: dict[str, str] = field(default_factory=dict)
+    init_files: dict[str, str] = field(default_factory=dict)  # name -> local file for timm:<name>
+    finetune: str = ""  # the downstream fine-tune config file (classification)
+    overrides: list[str] = field(default_factory=list)  # key=value over it, for every cell
+    label_fractions: list[float] = field(default_factory=lambda: [1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    metric: Literal["top1", "top5", "macro_f1", "loss"] = "top1"
+    score: Literal["final", "best"] = "final"  # best = the best epoch on validation (optimistic)
+    allow_resample: bool = False  # accept inits whose pos/patch embeddings need resampling
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def validate(self) -> None:
+        _check(bool(self.run.name) and "/" not in self.run.name,
+               f"config key 'run.name' must be a non-empty name without '/', got {self.run.name!r}")
+        _check(bool(self.inits), "config key 'inits' must name at least one init (name: init)")
+        for name, init in self.inits.items():
+            _check(bool(name) and all(c.isalnum() or c in "-_." for c in name),
+                   f"config key 'inits.{name}': init names may hold letters, digits, '-_.' only")
+            _check(init == "scratch" or init.startswith("timm:") or Path(init).exists(),
+                   f"config key 'inits.{name}' must be 'scratch', 'timm:<name>' or an existing "
+                   f"path, got {init!r}")
+        for name, f in self.init_files.items():
+            _check(self.inits.get(name, "").startswith("timm:"),
+                   f"config key 'init_files.{name}' goes with a timm:<name> init only")
+            _check(Path(f).is_file(), f"config key 'init_files.{name}': no such file: {f}")
+        _check(bool(self.finetune) and Path(self.finetune).is_file(),
+               f"config key 'finetune' must name a fine-tune config file, got {self.finetune!r}")
+        _check(bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions),
+               f"config key 'label_fractions' must be values in (0, 1], got {self.label_fractions}")
+        _check(len(set(self.label_fractions)) == len(self.label_fractions),
+               "config key 'label_fractions' holds a value twice")
+        _check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
+               f"config key 'seeds' must be distinct seeds, got {self.seeds}")
+        for item in self.overrides:
+            key = item.partition("=")[0].strip()
+            _check("=" in item and bool(key), f"config key 'overrides': '{item}' is not key=value")
+            _check(key not in ("init", "init_file", "data.label_fraction", "run.seed", "run.name",
+                               "run.output_dir", "run.resume"),
+                   f"config key 'overrides': '{key}' is set by the comparison for every cell")
+
+
 SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig,
-                            "compare": CompareConfig, "detect": DetectConfig}
+                            "detect": DetectConfig, "compare": CompareConfig}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -560,6 +564,10 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
     args = typing.get_args(t)
     bad = ConfigError(f"config key '{key}' must be {_type_name(t)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+            # YAML 1.1 reads no/off/yes/on as booleans: map them back onto the string choices
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((w for w in words if w in args), value)
         if value not in args:
             raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
         return value

@@ -1,9 +1,10 @@
-"""Pictures of what a pretraining learned, one row per image.
+"""Pictures of what a pretraining learned (one row per image) and of what a detector finds
+(predicted and ground-truth boxes).
 
 Pixel methods (MAE, SimMIM): original | masked | reconstruction. Token methods: the tokenizer
 shows original | its code map | the image decoded from the codes; BEiT shows original | masked |
 the tokenizer's codes | the codes it predicts at the masked patches | those codes decoded.
-Code maps paint each code id in a fixed colour. Detection: predicted and ground-truth boxes.
+Code maps paint each code id in a fixed colour.
 """
 
 from __future__ import annotations

@@ -81,3 +81,9 @@ def test_shipped_configs_validate(path, tmp_path):
         tok = _tiny_tokenizer(tmp_path, model.get("img_size", 224), model.get("patch_size", 16))
         over.append(f"method.tokenizer={tok}")
     load_config(path, over)
+
+
+def test_yaml_boolean_words_map_onto_string_choices():
+    cfg = load_config(None, ["data.synthetic=true", "train.mixed_precision=no",
+                             "optim.clip_grad.mode=none"])
+    assert cfg.train.mixed_precision == "no" and cfg.optim.clip_grad.mode == "none"

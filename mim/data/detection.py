@@ -50,7 +50,8 @@ class DetectionDataset(TransformedDataset):
     """``source.load(i)`` through the box-aware transform under the per-sample seed
     ``(seed, epoch, i)``; an unreadable image is replaced and reported as in pretraining."""
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)  # see the sampler
         bad = []
         n = len(self.source)
         for attempt in range(16):
@@ -68,7 +69,7 @@ class DetectionDataset(TransformedDataset):
                 "iscrowd": torch.as_tensor(ann.iscrowd, dtype=torch.bool),
             }
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+                torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
                 out = self.transform(sample)
             return {"image": out["image"].as_subclass(torch.Tensor),
                     "boxes": out["boxes"].as_subclass(torch.Tensor).float(),

@@ -152,11 +152,44 @@ def seed_step(seed: int, rank: int, micro_step: int) -> None:
 
 def build_optimizer(model: torch.nn.Module, cfg: Any, lr: float, **kw: Any) -> torch.optim.Optimizer:
     """AdamW (or ``optim.optimizer`` where the config has one); no weight decay on norms, biases,
-    position and class/mask tokens (timm's groups); ``layer_decay=`` goes through to timm."""
+    position and class/mask tokens (timm's groups); ``layer_decay=`` goes through to timm.
+
+    Adam-family optimizers use torch's fused kernel (one pass over all parameters; on CPU 5-10x
+    faster than the per-tensor or foreach ones, see docs/benchmarks.md) on CUDA and CPU, unless
+    ``kw`` chooses; a fused optimizer can also skip a step on the device (:func:`step_if_finite`).
+    """
     name = getattr(cfg.optim, "optimizer", "adamw")
     if "adam" in name:
         kw.setdefault("betas", tuple(cfg.optim.betas))
+        device = next(model.parameters()).device.type
+        if name in ("adam", "adamw") and device in ("cuda", "cpu") and "foreach" not in kw:
+            kw.setdefault("fused", True)
     return create_optimizer_v2(model, name, lr=lr, weight_decay=cfg.optim.weight_decay, **kw)
+
+
+def apply_speed_options(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
+    """``train.grad_checkpointing`` and ``train.compile``, applied in place once after the model is
+    built, so parameter names, state dicts and checkpoints do not change.
+
+    Compilation is regional: every transformer block is compiled on its own and the blocks of one
+    stack share the compiled code (one graph for the encoder's token count, one for the
+    decoder's), which compiles in a fraction of the whole-model time, composes with activation
+    checkpointing, and keeps the mask draws in eager mode, so the losses match
+    ``train.compile=false`` up to float rounding."""
+    if cfg.train.grad_checkpointing:
+        for part in model.modules():
+            if part is not model and hasattr(part, "set_grad_checkpointing"):
+                part.set_grad_checkpointing(True)
+    if cfg.train.compile:
+        for block in transformer_blocks(model):
+            block.compile(dynamic=False)  # encoder and decoder token counts: two static graphs
+    return model
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every module held in a ``blocks`` container (timm ViT blocks, MAE decoder blocks)."""
+    return [b for name, m in model.named_modules() if name.split(".")[-1] == "blocks"
+            for b in m.children()]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_updates: int,
@@ -292,20 +325,30 @@ def restore_training_state(acc: Accelerator, cfg: Any, path: Path, model: torch.
 
 
 class Throughput:
-    """Images per second over a logging window (host clock; synchronises CUDA when read)."""
+    """Images per second and the share of wall time spent waiting for the data loader over a
+    logging window (host clock; synchronises CUDA when read)."""
 
     def __init__(self) -> None:
-        self.t0, self.images = time.perf_counter(), 0
+        self.t0, self.images, self.waited = time.perf_counter(), 0, 0.0
+        self.data_wait = 0.0  # of the window last read
 
     def add(self, n: int) -> None:
         self.images += n
+
+    def wait_for(self, batches: Any) -> Any:
+        """``next(batches)``, timed."""
+        t = time.perf_counter()
+        batch = next(batches)
+        self.waited += time.perf_counter() - t
+        return batch
 
     def read(self) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - self.t0
         rate = self.images / dt if dt > 0 else 0.0
-        self.t0, self.images = time.perf_counter(), 0
+        self.data_wait = self.waited / dt if dt > 0 else 0.0
+        self.t0, self.images, self.waited = time.perf_counter(), 0, 0.0
         return rate
 
 
@@ -320,6 +363,26 @@ def write_json(path: Path, obj: Any) -> None:
 
 def is_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all().item())
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
+    """``optimizer.step()`` unless ``grad_norm`` is inf/nan; returns 1 if skipped, else 0, as a
+    tensor on the gradients' device.
+
+    A fused torch optimizer takes the decision on the device (its ``found_inf`` input, the one
+    ``GradScaler`` uses, also undoes the step count), so the step needs no host synchronisation;
+    others (and fp16, whose GradScaler owns that input) read the flag on the host."""
+    nonfinite = (~torch.isfinite(grad_norm)).to(torch.float32).reshape(())
+    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    if inner.defaults.get("fused") and getattr(optimizer, "scaler", None) is None:
+        inner.found_inf = nonfinite
+        try:
+            optimizer.step()
+        finally:
+            inner.__dict__.pop("found_inf", None)
+    elif not nonfinite.item():
+        optimizer.step()
+    return nonfinite
 
 
 def record_bad_samples(acc: Accelerator, run_dir: Path, state: LoopState, bad: list,

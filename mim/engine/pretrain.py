@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from mim.config import ConfigError, RunError
 from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_transform
 from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, Throughput,
-                               build_optimizer, build_scheduler, check_disk_space,
+                               apply_speed_options, build_optimizer, build_scheduler,
+                               check_disk_space,
                                clip_gradients, count_flops, fmt_count,
                                make_accelerator, prepare_run_dir, print_accounting,
                                record_bad_samples, resolve_resume, restore_training_state,
@@ -64,6 +65,7 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
                         **({"labels": torch.zeros(2, dtype=torch.long)} if needs_labels else {}))
     if acc.is_main_process:
         check_disk_space(run_dir, model, cfg.train.keep_last)
+    model = apply_speed_options(model.to(acc.device), cfg)
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, total_updates, updates_per_epoch)
     enc_params = sum(p.numel() for p in model.encoder.parameters())
@@ -169,7 +171,7 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
         update_loss = torch.zeros((), device=acc.device)
         update_metrics: dict[str, torch.Tensor] = {}
         for micro in range(accum):
-            batch = next(batches)
+            batch = speed.wait_for(batches)
             record_bad_samples(acc, run_dir, state, batch["bad"], guards.seen_bad,
                                guards.max_bad, guards.max_bad_fraction)
             images = batch["image"].to(acc.device, non_blocking=True)
@@ -214,7 +216,7 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
             rec = {"step": state.step, "epoch": state.epoch + state.update_in_epoch / updates,
                    "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"],
                    "grad_norm": float(grad_norm), "images_per_s": speed.read(),
-                   "bad_samples": state.bad_samples}
+                   "data_wait": speed.data_wait, "bad_samples": state.bad_samples}
             for k, v in extra_sums.items():  # averaged like the loss: over every counted update
                 rec[k] = (acc.reduce(v, reduction="sum") / total[1].clamp_min(1)).item()
             extra_sums.clear()
