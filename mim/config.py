@@ -398,6 +398,8 @@ class CompareConfig:
     init_files: dict[str, str] = field(default_factory=dict)  # name -> local file for timm:<name>
     finetune: str = ""  # the downstream fine-tune config file (classification)
     overrides: list[str] = field(default_factory=list)  # key=value over it, for every cell
+    # label fraction -> more key=value for its cells (e.g. more epochs at 1%), the same for every init
+    fraction_overrides: dict[float, list[str]] = field(default_factory=dict)
     label_fractions: list[float] = field(default_factory=lambda: [1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     metric: Literal["top1", "top5", "macro_f1", "loss"] = "top1"
@@ -434,12 +436,17 @@ class CompareConfig:
                "config key 'label_fractions' holds a value twice")
         _check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
                f"config key 'seeds' must be distinct seeds, got {self.seeds}")
-        for item in self.overrides:
-            key = item.partition("=")[0].strip()
-            _check("=" in item and bool(key), f"config key 'overrides': '{item}' is not key=value")
-            _check(key not in ("init", "init_file", "data.label_fraction", "run.seed", "run.name",
-                               "run.output_dir", "run.resume"),
-                   f"config key 'overrides': '{key}' is set by the comparison for every cell")
+        for f in self.fraction_overrides:
+            _check(f in self.label_fractions, f"config key 'fraction_overrides.{f:g}': {f:g} is "
+                   f"not one of the label_fractions {self.label_fractions}")
+        for where, items in [("overrides", self.overrides)] + [
+                (f"fraction_overrides.{f:g}", v) for f, v in self.fraction_overrides.items()]:
+            for item in items:
+                key = item.partition("=")[0].strip()
+                _check("=" in item and bool(key), f"config key '{where}': '{item}' is not key=value")
+                _check(key not in ("init", "init_file", "data.label_fraction", "run.seed",
+                                   "run.name", "run.output_dir", "run.resume"),
+                       f"config key '{where}': '{key}' is set by the comparison for every cell")
 
 
 SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig,

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from mim import load_config
 from mim.config import ConfigError
-from mim.engine.compare import compare
+from mim.engine.compare import Cell, cell_config, compare
 from mim.engine.compare_report import paired_interval, t_quantile_975
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
@@ -102,6 +102,19 @@ def test_compare_config_errors(tmp_path):
         _compare_cfg(tmp_path, {"x": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="set by the comparison"):
         _compare_cfg(tmp_path, {"scratch": "scratch"}, "overrides=[run.seed=3]")
+
+
+def test_fraction_overrides_reach_only_their_cells(tmp_path):
+    cfg = _compare_cfg(tmp_path, {"scratch": "scratch"},
+                       "fraction_overrides={0.5: [train.epochs=4, data.batch_size=8]}")
+    few = cell_config(cfg, Cell("scratch", 0.5, 1))
+    full = cell_config(cfg, Cell("scratch", 1.0, 1))
+    assert (few.train.epochs, few.data.batch_size) == (4, 8)
+    assert (full.train.epochs, full.data.batch_size) == (1, 16)
+    with pytest.raises(ConfigError, match=r"fraction_overrides.0.3.*not one of"):
+        _compare_cfg(tmp_path, {"scratch": "scratch"}, "fraction_overrides={0.3: [train.epochs=4]}")
+    with pytest.raises(ConfigError, match=r"fraction_overrides.0.5.*set by the comparison"):
+        _compare_cfg(tmp_path, {"scratch": "scratch"}, "fraction_overrides={0.5: [run.seed=4]}")
 
 
 def test_t_interval():

@@ -40,6 +40,24 @@ def test_idx_files_become_a_labelled_dataset_dict(tmp_path):
     assert len(HFImageSource(load_local(str(tmp_path / "out"), "test"))) == 10
 
 
+def test_class_subset_is_relabelled_in_the_given_order(tmp_path):
+    rng = np.random.default_rng(1)
+    src = tmp_path / "src"
+    src.mkdir()
+    train = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    write_idx(src, "train", train, (np.arange(30) % 10).astype(np.uint8))
+    write_idx(src, "t10k", rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
+              np.arange(10, dtype=np.uint8))
+    prepare.build(src, tmp_path / "out", classes=[9, 5])
+    source = HFImageSource(load_local(str(tmp_path / "out"), "train"))
+    assert list(source.classes) == ["Ankle boot", "Sandal"] and len(source) == 6
+    labels = [source.load(i)[1] for i in range(len(source))]
+    assert labels == [1, 0, 1, 0, 1, 0]  # original order kept: 5, 9, 15, 19, 25, 29
+    assert np.array_equal(np.asarray(source.load(1)[0])[..., 0], train[9])
+    with pytest.raises(SystemExit, match="distinct values in 0..9"):
+        prepare.build(src, tmp_path / "bad", classes=[3, 3])
+
+
 def test_missing_source_files_are_named(tmp_path):
     with pytest.raises(SystemExit, match="lacks train-images-idx3-ubyte.gz"):
         prepare.build(tmp_path, tmp_path / "out")

@@ -26,10 +26,31 @@ def _losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
-def _launch(over):
+def _launch(over, job="pretrain"):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "mim", "pretrain", *over], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "mim", job, *over], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_at_random_points(over, job, n_lines, rng, max_kills=3):
+    """Launch, SIGKILL after a random number of metrics lines (plus up to 50 ms: mid-step,
+    mid-evaluation, mid-checkpoint), relaunch, until a launch finishes; returns the kill count."""
+    run_dir = load_config(None, over, job=job).run_dir
+    kills = 0
+    while True:
+        proc = _launch(over, job)
+        path = run_dir / "metrics.jsonl"
+        done = len(path.read_text().splitlines()) if path.exists() else 0
+        target = min(done + rng.randint(1, 6), n_lines)
+        if kills < max_kills and target < n_lines and _wait_for_lines(path, target, proc):
+            time.sleep(rng.random() * 0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-2000:]
+        return kills
 
 
 def _wait_for_lines(path, n, proc, timeout=240):
@@ -55,26 +76,9 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_at_random_points_then_resume(tiny, reference, seed):
-    rng = random.Random(seed)
     over = tiny(*COMMON, name=f"kill{seed}")
-    run_dir = load_config(None, over).run_dir
-    kills = 0
-    while True:
-        proc = _launch(over)
-        done = len(read_metrics(run_dir / "metrics.jsonl")) if (run_dir / "metrics.jsonl").exists() else 0
-        target = min(done + rng.randint(1, 9), len(reference))
-        if kills < 3 and target < len(reference) and _wait_for_lines(run_dir / "metrics.jsonl",
-                                                                     target, proc):
-            time.sleep(rng.random() * 0.05)  # land anywhere: mid-step, mid-checkpoint
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            continue
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-2000:]
-        break
-    assert kills >= 1
-    got = _losses(run_dir)
+    assert _kill_at_random_points(over, "pretrain", len(reference), random.Random(seed)) >= 1
+    got = _losses(load_config(None, over).run_dir)
     assert len(got) == len(reference)
     assert max(abs(a - b) for a, b in zip(got, reference)) < 1e-5
 
@@ -222,3 +226,111 @@ def test_dead_process_ends_the_whole_launch(tiny):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ------------------------------------------------------------------ fine-tuning and detection
+
+FT = ["model.arch=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8",
+      "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.drop_path_rate=0.1",
+      "data.synthetic=true", "data.synthetic_size=96", "data.batch_size=16", "data.num_workers=0",
+      "data.crop_scale=[0.5,1.0]", "optim.warmup_epochs=0", "optim.lr=1e-3", "tracking.backend=none",
+      "train.log_every=1", "train.epochs=3", "train.save_every=2", "mixup.mixup_alpha=0.8",
+      "mixup.cutmix_alpha=1.0"]
+DET = ["task=detect", "model.arch=vit_tiny_patch16_224", "model.img_size=64", "model.patch_size=8",
+       "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.pyramid_dim=32",
+       "model.drop_path_rate=0.1", "data.synthetic=true", "data.synthetic_size=24",
+       "data.batch_size=8", "data.num_workers=0", "tracking.backend=none", "train.log_every=1",
+       "train.epochs=3", "train.save_every=2", "optim.lr=2e-3", "eval.vis_images=0"]
+JOBS = {"finetune": (FT, ("loss", "val/top1", "val/loss")),
+        "detect": (DET, ("loss", "val/map", "val/map_50"))}
+
+
+def _same_records(a, b, keys):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in keys:
+            if k in ra:
+                assert abs(ra[k] - rb[k]) < 1e-5, (ra["step"], k, ra[k], rb[k])
+
+
+@pytest.fixture(scope="module")
+def downstream_reference(tmp_path_factory):
+    from mim.engine.detect import detect
+    from mim.engine.finetune import finetune
+
+    out = tmp_path_factory.mktemp("downstream")
+    runs, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a busy machine
+    try:
+        for job, (base, _) in JOBS.items():
+            cfg = load_config(None, base + [f"run.output_dir={out}", f"run.name={job}-ref"],
+                              job=job)
+            run_dir = (finetune if job == "finetune" else detect)(cfg)
+            runs[job] = read_metrics(run_dir / "metrics.jsonl")
+    finally:
+        torch.set_num_threads(threads)
+    return runs
+
+
+@pytest.mark.parametrize("job", ["finetune", "detect"])
+def test_downstream_sigkill_at_random_points_then_resume(job, downstream_reference, tmp_path):
+    base, keys = JOBS[job]
+    over = base + [f"run.output_dir={tmp_path}", f"run.name={job}-kill", "run.resume=auto"]
+    ref = downstream_reference[job]
+    kills = _kill_at_random_points(over, job, len(ref), random.Random(3))
+    assert kills >= 1
+    run_dir = load_config(None, over, job=job).run_dir
+    _same_records(read_metrics(run_dir / "metrics.jsonl"), ref, keys)
+    assert (run_dir / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("job", ["finetune", "detect"])
+def test_downstream_sigterm_saves_and_exits_then_resumes(job, downstream_reference, tmp_path):
+    base, keys = JOBS[job]
+    over = base + [f"run.output_dir={tmp_path}", f"run.name={job}-term", "run.resume=auto",
+                   "train.save_every=1000"]
+    run_dir = load_config(None, over, job=job).run_dir
+    proc = _launch(over, job)
+    assert _wait_for_lines(run_dir / "metrics.jsonl", 4, proc)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out[-2000:]
+    assert time.time() - t0 < 30 and "interrupted by signal 15" in out
+    assert latest_checkpoint(run_dir / "checkpoints") is not None
+    proc = _launch(over, job)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    _same_records(read_metrics(run_dir / "metrics.jsonl"), downstream_reference[job], keys)
+
+
+def test_not_enough_disk_is_a_config_error_before_any_work(tiny, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    over = tiny("train.epochs=1", name="full-disk")
+    with pytest.raises(ConfigError, match=r"run.output_dir.*1 MiB free.*checkpoints need"):
+        pretrain(load_config(None, over))
+    run_dir = load_config(None, over).run_dir
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_resume_cuts_the_log_back_to_what_the_checkpoint_saw(tmp_path):
+    """An evaluation logged after the checkpoint (same step) is repeated after the resume, so it
+    must be dropped with the lines after it, not kept by its step number."""
+    import json
+
+    from mim.engine.common import LoopState
+    from mim.engine.tracking import MetricsLog
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}, {"step": 2, "val/top1": 0.5},
+        {"step": 3, "loss": 0.8}]))
+    MetricsLog(log, True, LoopState(step=2, extra={"metrics_lines": 2}))
+    assert [r.get("loss") for r in read_metrics(log)] == [1.0, 0.9]
+    log.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 1}, {"step": 2}, {"step": 3}]))
+    MetricsLog(log, True, LoopState(step=2))  # a checkpoint without the count: by step
+    assert [r["step"] for r in read_metrics(log)] == [1, 2]

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--modes", default="eager,compile", help="comma list of eager,compile")
     p.add_argument("--no-reference", action="store_true", help="time mim only")
+    p.add_argument("--impls", default="", help="comma list of contenders for the single case "
+                   "(default mim,reference; variants: mim-deviceguard, mim-gc, mim-whole, "
+                   "mim-flash, mim-efficient, mim-cudnn)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds (each contender once)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
     p.add_argument("--budget", type=float, default=None, help="stop timing after this many "
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = bench_config(args.overrides, args.config)
             report = [f"machine: {machine_line(device)}", ""]
             say(report[0])
-            impls = ("mim",) if args.no_reference else ("mim", "reference")
+            impls = (tuple(args.impls.split(",")) if args.impls else
+                     ("mim",) if args.no_reference else ("mim", "reference"))
             res = run_step_case(cfg, "MAE training step", device,
                                 tuple(args.modes.split(",")), impls, warmup=args.warmup,
                                 rounds=2 if args.quick else args.rounds, budget_s=args.budget,

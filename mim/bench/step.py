@@ -35,6 +35,7 @@ class Contender:
     images: torch.Tensor
     autocast_dtype: torch.dtype | None
     device_guard: bool = False  # skip a non-finite step on the device (no host sync)
+    sdpa_backends: list | None = None  # restrict scaled_dot_product_attention to these kernels
 
     def autocast(self) -> Any:
         if self.autocast_dtype is None:
@@ -42,7 +43,11 @@ class Contender:
         return torch.autocast(self.images.device.type, dtype=self.autocast_dtype)
 
     def forward(self) -> torch.Tensor:
-        with self.autocast():
+        from torch.nn.attention import sdpa_kernel
+
+        kernels = (sdpa_kernel(self.sdpa_backends) if self.sdpa_backends
+                   else contextlib.nullcontext())
+        with self.autocast(), kernels:
             return self.loss_fn(self.model, self.images)
 
     def forward_backward(self) -> None:
@@ -69,7 +74,11 @@ def build_contender(cfg: Any, impl: str, mode: str, device: torch.device,
     at the same architecture (``compile`` = ``torch.compile`` of the whole model, the way
     ``transformers`` users compile). Variants of mim, to measure one option each:
     ``mim-deviceguard`` decides the non-finite guard on the device (``step_if_finite``, no host
-    sync); ``mim-gc`` turns on ``train.grad_checkpointing``."""
+    sync); ``mim-gc`` turns on ``train.grad_checkpointing``; ``mim-whole`` compiles the whole
+    model in one graph instead of block by block (``compile`` mode only); ``mim-flash`` /
+    ``mim-efficient`` / ``mim-cudnn`` restrict attention to one SDPA kernel."""
+    from torch.nn.attention import SDPBackend
+
     from mim.bench.reference import build_reference, reference_loss
 
     torch.manual_seed(cfg.run.seed)
@@ -82,14 +91,19 @@ def build_contender(cfg: Any, impl: str, mode: str, device: torch.device,
     model = model.to(device).train()
     if impl.startswith("mim"):
         run_cfg = copy.deepcopy(cfg)
-        run_cfg.train.compile = mode == "compile"
+        run_cfg.train.compile = mode == "compile" and impl != "mim-whole"
         run_cfg.train.grad_checkpointing |= impl == "mim-gc"
         apply_speed_options(model, run_cfg)
+        if impl == "mim-whole" and mode == "compile":
+            model.compile(dynamic=False)
     else:
         if cfg.train.grad_checkpointing:
             model.gradient_checkpointing_enable()
         if mode == "compile":
             model.compile()
     optimizer = build_optimizer(model, cfg, lr=1e-4)
+    backends = {"mim-flash": [SDPBackend.FLASH_ATTENTION],
+                "mim-efficient": [SDPBackend.EFFICIENT_ATTENTION],
+                "mim-cudnn": [SDPBackend.CUDNN_ATTENTION]}.get(impl)
     return Contender(f"{impl} {mode}", impl, mode, model, optimizer, loss_fn, images,
-                     AUTOCAST[cfg.train.mixed_precision], impl == "mim-deviceguard")
+                     AUTOCAST[cfg.train.mixed_precision], impl == "mim-deviceguard", backends)

@@ -444,10 +444,17 @@ def _real_run_part(report, targets, raw, best_mim_cfg, device, quick, workdir, s
 
 
 def _why(res: CaseResult, device: torch.device) -> list[str]:
-    ours = res.best("mim")
+    ours, ref = res.best("mim"), res.best("reference")
     con = res.contenders[ours.name]
     prof = profile_step(con.step, device)
-    return [f"  profile of {ours.name} ({res.title}):"] + prof.lines()
+    lines = [f"  profile of {ours.name} ({res.title}):"] + prof.lines()
+    if ref is not None and ref.mfu == ref.mfu:  # both count the same FLOPs (a test checks it)
+        need = 1.3 * ref.mfu
+        lines.append(f"  ceiling: {ref.name} already runs at {100 * ref.mfu:.0f}% of the measured "
+                     f"matmul peak with the same counted FLOPs, so 1.3x would need "
+                     f"{100 * need:.0f}%" + (" (more than the peak: out of reach without doing "
+                                             "less work)" if need > 1 else ""))
+    return lines
 
 
 def _case_raw(res: CaseResult) -> dict:

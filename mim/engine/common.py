@@ -274,6 +274,9 @@ def save_training_state(acc: Accelerator, cfg: Any, run_dir: Path, model: torch.
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        log = run_dir / "metrics.jsonl"  # how much of the log this checkpoint has seen
+        state.extra["metrics_lines"] = (sum(1 for ln in log.read_text().splitlines() if ln.strip())
+                                        if log.exists() else 0)
         train_state = {
             "config": cfg.to_dict(),
             "loop": {k: v for k, v in state.__dict__.items()},

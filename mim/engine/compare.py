@@ -1,8 +1,9 @@
 """``mim compare``: fine-tune every init x label fraction x seed with one recipe, then report.
 
 Each cell is an ordinary fine-tuning run (:func:`mim.engine.finetune.finetune`) in
-``<run>/cells/<init>_f<fraction>_s<seed>``, with the same config file and overrides; only
-``init``, ``data.label_fraction`` and ``run.seed`` change. That makes the comparison fair by
+``<run>/cells/<init>_f<fraction>_s<seed>``, with the same config file and overrides (plus the
+overrides of its label fraction, e.g. more epochs for fewer labels); only ``init``,
+``data.label_fraction`` and ``run.seed`` change. That makes the comparison fair by
 construction where it can be:
 - at a given seed, every init sees the same labeled subset, the same data order and the same
   augmentations (the loader draws them from the seed alone) and the same head initialisation
@@ -105,7 +106,8 @@ def cell_config(cmp: CompareConfig, cell: Cell) -> Any:
             f"run.output_dir={cmp.run_dir / 'cells'}", f"run.name={cell.name}", "run.resume=auto",
             f"tracking.backend={t.backend}", f"tracking.project={t.project}",
             f"tracking.group={t.group or cmp.run.name}"]
-    return load_config(cmp.finetune, [*cmp.overrides, *keys], job="finetune")
+    per_fraction = cmp.fraction_overrides.get(cell.fraction, [])
+    return load_config(cmp.finetune, [*cmp.overrides, *per_fraction, *keys], job="finetune")
 
 
 def _check_same_recipe(cfg: Any, cell: Cell) -> None:

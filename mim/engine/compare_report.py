@@ -96,7 +96,7 @@ def write_report(cmp: Any, results: list[CellResult], notes: dict[str, list[str]
             rows.append(row)
     _write_csv(out / "report.csv", rows)
     table = _markdown_table(rows, inits, fractions, metric, higher, scratch)
-    budget = _budget_lines(results, fractions)
+    budget = _budget_lines(results, fractions, cmp.fraction_overrides)
     (out / "report.md").write_text(_markdown(cmp, table, budget, notes, provenance, results,
                                              scratch))
     _plot_label_efficiency(out / "label_efficiency.png", rows, inits, metric, cmp.score)
@@ -146,7 +146,8 @@ def _markdown_table(rows: list[dict], inits: list[str], fractions: list[float], 
     return "\n".join(lines)
 
 
-def _budget_lines(results: list[CellResult], fractions: list[float]) -> list[str]:
+def _budget_lines(results: list[CellResult], fractions: list[float],
+                  fraction_overrides: dict[float, list[str]]) -> list[str]:
     """The fine-tuning budget per label fraction, and whether every init got the same."""
     lines = []
     for f in fractions:
@@ -159,6 +160,7 @@ def _budget_lines(results: list[CellResult], fractions: list[float]) -> list[str
         lines.append(f"- label fraction {f:g}: {'/'.join(map(str, imgs))} training images, "
                      f"{'/'.join(map(str, ep))} epochs, {'/'.join(map(str, ups))} updates of "
                      f"{'/'.join(map(str, gb))} images per cell"
+                     + (f" (`{' '.join(fraction_overrides[f])}`)" if f in fraction_overrides else "")
                      + ("" if same else " (**the cells differ in updates**)"))
     return lines
 

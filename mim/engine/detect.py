@@ -144,7 +144,7 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
         acc.print(f"resumed from {resume_from} at update {state.step}, epoch {state.epoch}")
     start_tracking(acc, cfg, run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
-                         state.step if resume_from is not None else None)
+                         state if resume_from is not None else None)
     if acc.is_main_process:
         write_json(run_dir / "ground_truth.json", data.ground_truth)
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,

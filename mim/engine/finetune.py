@@ -191,7 +191,7 @@ def _finetune(acc, cfg: Any, run_dir: Path) -> Path:
         acc.print(f"resumed from {resume_from} at update {state.step}, epoch {state.epoch}")
     start_tracking(acc, cfg, run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
-                         state.step if resume_from is not None else None)
+                         state if resume_from is not None else None)
     best = BestKeeper(run_dir, cfg.train.best_metric, state.extra.get("best"))
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
             "global_batch": global_batch, "flops_per_image": flops, "lr": lr,

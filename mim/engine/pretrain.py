@@ -91,7 +91,7 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
         acc.print(f"run already complete ({state.step} updates)")
     start_tracking(acc, cfg, run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
-                         state.step if resume_from is not None else None)
+                         state if resume_from is not None else None)
     vis_images = _vis_batch(cfg, source)
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
             "global_batch": global_batch, "flops_per_image": flops, "needs_labels": needs_labels}

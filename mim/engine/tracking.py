@@ -34,15 +34,21 @@ def tracker_init_kwargs(cfg: Any, run_dir: Path) -> dict[str, Any]:
 class MetricsLog:
     """Appends one JSON object per logged step to ``metrics.jsonl`` (main process only)."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+    def __init__(self, path: Path, enabled: bool, resume: Any = None) -> None:
+        """``resume``: the restored ``LoopState`` (None: a fresh run). The log is cut back to the
+        lines it had when that checkpoint was written, so an evaluation logged after the
+        checkpoint and repeated after the resume appears once."""
         self.path, self.enabled = path, enabled
         if not enabled:
             return
-        if resume_step is None:
+        if resume is None:
             path.write_text("")
         elif path.exists():  # drop lines logged after the checkpoint we resume from
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            keep_lines = resume.extra.get("metrics_lines")
+            if keep_lines is not None:
+                lines = lines[:keep_lines]
+            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume.step]
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict[str, Any]) -> None:
