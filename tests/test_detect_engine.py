@@ -146,3 +146,35 @@ def test_shipped_detection_configs_validate(path):
     over = [] if (raw.get("data") or {}).get("synthetic") else \
         ["data.synthetic=true", "data.path=", "data.name="]
     load_config(path, over, job="detect")
+
+
+def test_bad_validation_labels_are_listed_in_data_issues(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "yolo"
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (64, 48), (40 * i, 90, 160)).save(root / "images" / split / f"{i}.png")
+            (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    (root / "classes.txt").write_text("thing\nother\n")
+    (root / "labels" / "val" / "1.txt").write_text(
+        "0 0.5 0.5 0.4 0.4\n"   # fine
+        "1 1.5 0.5 0.2 0.2\n"   # entirely outside the image: zero area after clipping, dropped
+        "0 0.95 0.5 0.3 0.3\n"  # partly outside: clipped, kept
+        "5 0.5 0.5 0.1 0.1\n"   # unknown class
+        "0 0.5 0.5 0\n")        # malformed
+    run = detect(load_config(None, [
+        "task=detect", "model.arch=vit_tiny_patch16_224", "model.img_size=64",
+        "model.patch_size=8", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+        "model.pyramid_dim=16", "data.format=yolo", f"data.path={root}", "data.val_split=val",
+        "data.batch_size=4", "data.num_workers=0", "tracking.backend=none", "train.epochs=1",
+        "eval.vis_images=0", f"run.output_dir={tmp_path}", "run.name=bad-labels"], job="detect"))
+    issues = read_metrics(run / "data_issues.jsonl")
+    assert len(issues) == 3 and all(r["split"] == "val" for r in issues)
+    text = " ".join(r["issue"] for r in issues)
+    assert "1 degenerate box(es) dropped" in text and text.count("not 'class cx cy w h'") == 2
+    assert json.loads((run / "summary.json").read_text())["val_box_issues"] == 3
+    gt = json.loads((run / "ground_truth.json").read_text())
+    assert sum(a["image_id"] == 2 for a in gt["annotations"]) == 2  # the fine one, the clipped one

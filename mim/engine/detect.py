@@ -147,6 +147,10 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
                          state if resume_from is not None else None)
     if acc.is_main_process:
         write_json(run_dir / "ground_truth.json", data.ground_truth)
+        if resume_from is None and data.val_issues:  # out-of-image boxes are clipped, not listed
+            with open(run_dir / "data_issues.jsonl", "a") as f:
+                f.writelines(json.dumps({"split": d.val_split, "issue": issue}) + "\n"
+                             for issue in data.val_issues)
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
             "global_batch": global_batch, "flops_per_image": flops, "lr": lr,
             "classes": data.classes, "init": init_report.to_dict()}
