@@ -8,6 +8,8 @@
 # (ViT-B/16 MAE bf16, eager and compiled, against ViTMAEForPreTraining; MFU; the non-finite guard;
 # input pipeline; a real run's data wait) and scaling.{md,json} (batch and image size).
 # A failing part is reported and the script goes on to the next one.
+# PARTS (default "suite scaling") picks parts; "variants" times mim's compile scopes and attention
+# kernels against the reference at the GPU suite's case (variants.md).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu_bench_out}"
@@ -47,10 +49,15 @@ run_part() {  # name, timeout seconds, command...
     [ $rc -eq 0 ] || echo "PART FAILED: $name (rc=$rc)"
 }
 
-run_part gpu-suite 400 "$PY" -m mim benchmark --suite gpu \
+PARTS="${PARTS:-suite scaling}"
+[[ " $PARTS " == *" suite "* ]] && run_part gpu-suite 400 "$PY" -m mim benchmark --suite gpu \
     --json "$OUT/gpu_suite.json" --markdown "$OUT/gpu_suite.md"
-run_part scaling 120 "$PY" -m mim benchmark --suite scaling --modes eager --rounds 5 \
-    --budget 60 --batches 64,128,256 --sizes 224,384,512 --size-batch 64 \
+[[ " $PARTS " == *" scaling "* ]] && run_part scaling 120 "$PY" -m mim benchmark --suite scaling \
+    --modes eager --rounds 5 --budget 60 --batches 64,128,256 --sizes 224,384,512 --size-batch 64 \
     --json "$OUT/scaling.json" --markdown "$OUT/scaling.md"
+[[ " $PARTS " == *" variants "* ]] && run_part variants 330 "$PY" -m mim benchmark \
+    model.arch=vit_base_patch16_224 method.decoder_dim=512 method.decoder_depth=8 \
+    method.decoder_heads=16 data.batch_size=256 train.mixed_precision=bf16 --impls mim,mim-whole,mim-flash,reference --modes compile --rounds 8 --budget 45 \
+    --json "$OUT/variants.json" --markdown "$OUT/variants.md"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,temperature.gpu --format=csv
 echo "done in $SECONDS s; results in $OUT"

@@ -12,7 +12,7 @@ PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
        --implementation cp "${PLAT[@]}" -d .whl "$@"; }
-dl "timm==1.0.31" "datasets==5.2.0" "dill==0.4.1" "multiprocess==0.70.19"
+dl "timm==1.0.31" "datasets==5.2.0" "dill==0.4.1" "multiprocess==0.70.19" "pycocotools==2.0.11"
 [ -n "${NO_PYARROW:-}" ] || dl "pyarrow==26.0.1"
 ls -la .whl
 du -sh .whl
