@@ -23,14 +23,20 @@ def write_idx(folder, stem, images, labels):
     (folder / f"{stem}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.tobytes()))
 
 
-def test_idx_files_become_a_labelled_dataset_dict(tmp_path):
-    rng = np.random.default_rng(0)
+def write_source(tmp_path, n_train, seed=0):
+    """IDX files of n_train training images (labels cycling 0-9) and 10 test images."""
+    rng = np.random.default_rng(seed)
     src = tmp_path / "src"
     src.mkdir()
-    train = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
-    write_idx(src, "train", train, (np.arange(20) % 10).astype(np.uint8))
+    train = rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
+    write_idx(src, "train", train, (np.arange(n_train) % 10).astype(np.uint8))
     write_idx(src, "t10k", rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
               np.arange(10, dtype=np.uint8))
+    return src, train
+
+
+def test_idx_files_become_a_labelled_dataset_dict(tmp_path):
+    src, train = write_source(tmp_path, 20)
     prepare.build(src, tmp_path / "out")
     source = HFImageSource(load_local(str(tmp_path / "out"), "train"))
     assert len(source) == 20 and source.classes[9] == "Ankle boot"
@@ -41,13 +47,7 @@ def test_idx_files_become_a_labelled_dataset_dict(tmp_path):
 
 
 def test_class_subset_is_relabelled_in_the_given_order(tmp_path):
-    rng = np.random.default_rng(1)
-    src = tmp_path / "src"
-    src.mkdir()
-    train = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
-    write_idx(src, "train", train, (np.arange(30) % 10).astype(np.uint8))
-    write_idx(src, "t10k", rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
-              np.arange(10, dtype=np.uint8))
+    src, train = write_source(tmp_path, 30, seed=1)
     prepare.build(src, tmp_path / "out", classes=[9, 5])
     source = HFImageSource(load_local(str(tmp_path / "out"), "train"))
     assert list(source.classes) == ["Ankle boot", "Sandal"] and len(source) == 6
