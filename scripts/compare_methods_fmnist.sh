@@ -9,12 +9,7 @@
 # The MAE run is shared with scripts/reproduce_fmnist.sh. Rerunning skips what is finished.
 # Usage: bash scripts/compare_methods_fmnist.sh [extra key=value for every pretraining]
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
-cd "$ROOT"
-OUT=runs/fmnist
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE="${WANDB_MODE:-offline}" \
-    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
-mkdir -p "$OUT"
+source "$(dirname "${BASH_SOURCE[0]}")/_fmnist.sh"
 TIMES="$OUT/methods_times.txt"
 [ -f runs/data/fmnist/dataset_dict.json ] || python scripts/prepare_fmnist.py
 for run in tokenizer:tokenizer simmim:pretrain maskfeat:pretrain beit:pretrain mae:pretrain; do

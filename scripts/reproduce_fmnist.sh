@@ -11,13 +11,8 @@
 # Rerunning skips what is finished, so a killed run continues where it stopped.
 # Usage: bash scripts/reproduce_fmnist.sh [extra key=value for both pretrainings]
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
-cd "$ROOT"
-OUT=runs/fmnist
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE="${WANDB_MODE:-offline}" \
-    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+source "$(dirname "${BASH_SOURCE[0]}")/_fmnist.sh"
 SRC=(); [ -z "${FMNIST_SRC:-}" ] || SRC=(--src "$FMNIST_SRC")
-mkdir -p "$OUT"
 TIMES="$OUT/reproduce_times.txt"
 step() {  # name, command...: runs it once (skipped when its marker exists), logs its wall time
     local name=$1 marker=$2; shift 2

@@ -1,0 +1,8 @@
+# Sourced by the Fashion-MNIST scripts: the venv, the repository root, one thread per run (two
+# such runs share a 2-core machine well), offline tracking, and the output folder runs/fmnist.
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
+cd "$ROOT"
+OUT=runs/fmnist
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE="${WANDB_MODE:-offline}" \
+    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+mkdir -p "$OUT"
