@@ -201,6 +201,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_updates: i
                              warmup_prefix=True, t_in_epochs=False)
 
 
+def finish_update(acc: Accelerator, cfg: Any, optimizer: torch.optim.Optimizer,
+                  params: list[torch.nn.Parameter], loss: torch.Tensor, state: "LoopState",
+                  nonfinite: "NonFiniteGuard", global_batch: int) -> tuple[bool, torch.Tensor]:
+    """The end of every engine's update, after the backward passes: clip; step unless the
+    gradient is non-finite (under fp16 the loss scaler skips and rescales itself); count a
+    non-finite update; zero the gradients; advance ``state``. Returns whether the update's loss
+    and gradient were both finite (so its loss counts in the logged average) and the pre-clip
+    gradient norm."""
+    grad_norm = clip_gradients(acc, params, cfg.optim.clip_grad)
+    # grad_norm is the same on every process (after the all-reduce): it decides the step everywhere
+    finite, loss_ok = torch.isfinite(torch.stack([grad_norm.detach().float().reshape(()),
+                                                  loss.detach().float().reshape(())])).tolist()
+    if finite or acc.scaler is not None:
+        optimizer.step()
+    if not finite:
+        acc.print(f"warning: non-finite loss or gradient at update {state.step}; skipped")
+    nonfinite.update(finite, state.step)
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.update_in_epoch += 1
+    state.images_seen += global_batch
+    return finite and loss_ok, grad_norm
+
+
 def clip_gradients(acc: Accelerator, params: list[torch.nn.Parameter], clip: Any) -> torch.Tensor:
     """Clip after backward, before the step; returns the global L2 norm *before* clipping.
 

@@ -26,7 +26,7 @@ from mim.data.loader import EpochLoader
 from mim.engine.checkpoint import state_dict_for_save
 from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, Throughput,
                                build_optimizer, build_scheduler, check_disk_space,
-                               clip_gradients, count_flops, fmt_count, make_accelerator,
+                               count_flops, finish_update, fmt_count, make_accelerator,
                                prepare_run_dir, print_accounting, record_bad_samples,
                                resolve_resume, restore_training_state, save_training_state,
                                seed_step, start_tracking, write_json)
@@ -243,21 +243,11 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, 
             update += torch.stack([losses["loss"].detach(), losses["loss_cls"].detach(),
                                    losses["loss_box"].detach(), num_pos.detach()]) / accum
             speed.add(images.shape[0] * acc.num_processes)
-        grad_norm = clip_gradients(acc, params, cfg.optim.clip_grad)
-        finite, loss_ok = torch.isfinite(torch.stack([grad_norm.detach().float().reshape(()),
-                                                      update[0].float()])).tolist()
-        if finite and loss_ok:
+        counted, grad_norm = finish_update(acc, cfg, optimizer, params, update[0], state,
+                                           guards.nonfinite, meta["global_batch"])
+        if counted:
             sums += update
             n_sum += 1
-        if finite or acc.scaler is not None:  # fp16: the loss scaler skips and rescales itself
-            optimizer.step()
-        if not finite:
-            acc.print(f"warning: non-finite loss or gradient at update {state.step}; skipped")
-        guards.nonfinite.update(finite, state.step)
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.update_in_epoch += 1
-        state.images_seen += meta["global_batch"]
         bar.update(1)
         if state.step % t.log_every == 0 or state.update_in_epoch == updates:
             total = acc.reduce(torch.cat([sums, sums.new_tensor([float(n_sum)])]), reduction="sum")

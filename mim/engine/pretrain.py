@@ -17,7 +17,7 @@ from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_
 from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, Throughput,
                                apply_speed_options, build_optimizer, build_scheduler,
                                check_disk_space,
-                               clip_gradients, count_flops, fmt_count,
+                               count_flops, finish_update, fmt_count,
                                make_accelerator, prepare_run_dir, print_accounting,
                                record_bad_samples, resolve_resume, restore_training_state,
                                save_training_state, seed_step, start_tracking, write_json)
@@ -190,24 +190,13 @@ def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopSt
                 update_metrics[k] = update_metrics.get(k, 0.0) + v.detach().float() / accum
                 extra_sums.setdefault(k, torch.zeros((), device=acc.device))
             speed.add(images.shape[0] * acc.num_processes)
-        grad_norm = clip_gradients(acc, params, cfg.optim.clip_grad)
-        # grad_norm is the same on every process (after the all-reduce): it decides the step
-        finite, loss_ok = torch.isfinite(torch.stack([grad_norm.detach().float().reshape(()),
-                                                      update_loss.float()])).tolist()
-        if finite and loss_ok:
+        counted, grad_norm = finish_update(acc, cfg, optimizer, params, update_loss, state,
+                                           guards.nonfinite, meta["global_batch"])
+        if counted:
             loss_sum += update_loss
             n_sum += 1
             for k, v in update_metrics.items():
                 extra_sums[k] += v
-        if finite or acc.scaler is not None:  # fp16: the loss scaler skips and rescales itself
-            optimizer.step()
-        if not finite:
-            acc.print(f"warning: non-finite loss or gradient at update {state.step}; skipped")
-        guards.nonfinite.update(finite, state.step)
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.update_in_epoch += 1
-        state.images_seen += meta["global_batch"]
         bar.update(1)
         if state.step % t.log_every == 0 or state.update_in_epoch == updates:
             total = acc.reduce(torch.stack([loss_sum, torch.tensor(float(n_sum), device=acc.device)]),
