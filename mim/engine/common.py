@@ -13,6 +13,7 @@ import time
 from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,18 @@ def make_accelerator(cfg: Any) -> Accelerator:
     return Accelerator(mixed_precision=cfg.train.mixed_precision,
                        log_with=None if backend == "none" else backend,
                        project_dir=str(cfg.run_dir), kwargs_handlers=[timeout])
+
+
+def run_job(cfg: Any, body: Callable[[Accelerator, Any, Path], Path]) -> Path:
+    """The accelerator, the run directory and its lock around one job's ``body(acc, cfg,
+    run_dir)``; tracking ends and the lock is dropped however the body ends."""
+    acc = make_accelerator(cfg)
+    run_dir = prepare_run_dir(acc, cfg)
+    try:
+        return body(acc, cfg, run_dir)
+    finally:
+        acc.end_training()
+        RunLock.release(run_dir)
 
 
 def prepare_run_dir(acc: Accelerator, cfg: Any) -> Path:

@@ -24,12 +24,12 @@ from mim.data.detection import build_detection_loader, detection_transform, pad_
 from mim.data.detection_sources import build_detection_source, coco_ground_truth
 from mim.data.loader import EpochLoader
 from mim.engine.checkpoint import state_dict_for_save
-from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, Throughput,
+from mim.engine.common import (LoopState, NonFiniteGuard, StopRequest, Throughput,
                                build_optimizer, build_scheduler, check_disk_space,
                                count_flops, finish_update, fmt_count, make_accelerator,
-                               prepare_run_dir, print_accounting, record_bad_samples,
-                               resolve_resume, restore_training_state, save_training_state,
-                               seed_step, start_tracking, write_json)
+                               print_accounting, record_bad_samples, resolve_resume,
+                               restore_training_state, run_job, save_training_state, seed_step,
+                               start_tracking, write_json)
 from mim.engine.pretrain import Guards
 from mim.engine.tracking import MetricsLog
 from mim.losses import dense_detection_loss
@@ -85,13 +85,7 @@ def _num_classes(cfg: Any, classes: list[str]) -> int:
 
 def detect(cfg: Any) -> Path:
     """Run (or resume) the detection fine-tuning ``cfg`` describes; returns the run directory."""
-    acc = make_accelerator(cfg)
-    run_dir = prepare_run_dir(acc, cfg)
-    try:
-        return _detect(acc, cfg, run_dir)
-    finally:
-        acc.end_training()
-        RunLock.release(run_dir)
+    return run_job(cfg, _detect)
 
 
 def _detect(acc, cfg: Any, run_dir: Path) -> Path:

@@ -22,12 +22,11 @@ from mim.config import ConfigError
 from mim.data import EpochLoader, build_epoch_loader, build_source, eval_transform
 from mim.data.labels import SubsetSource, class_names, source_labels, stratified_subset
 from mim.data.transforms import finetune_transform
-from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, Throughput,
+from mim.engine.common import (LoopState, NonFiniteGuard, StopRequest, Throughput,
                                build_optimizer, build_scheduler, check_disk_space,
-                               count_flops, finish_update, fmt_count, make_accelerator,
-                               prepare_run_dir, print_accounting, record_bad_samples,
-                               resolve_resume, restore_training_state, save_training_state,
-                               seed_step, start_tracking)
+                               count_flops, finish_update, fmt_count, print_accounting,
+                               record_bad_samples, resolve_resume, restore_training_state,
+                               run_job, save_training_state, seed_step, start_tracking)
 from mim.engine.evaluate import BestKeeper, evaluate, log_eval, write_finetune_summary
 from mim.engine.pretrain import Guards
 from mim.engine.tracking import MetricsLog
@@ -120,13 +119,7 @@ def build_train_loss(cfg: Any, num_classes: int, mixup: bool) -> Callable:
 
 def finetune(cfg: Any) -> Path:
     """Run (or resume) the fine-tuning described by ``cfg``; returns the run directory."""
-    acc = make_accelerator(cfg)
-    run_dir = prepare_run_dir(acc, cfg)
-    try:
-        return _finetune(acc, cfg, run_dir)
-    finally:
-        acc.end_training()
-        RunLock.release(run_dir)
+    return run_job(cfg, _finetune)
 
 
 def _finetune(acc, cfg: Any, run_dir: Path) -> Path:

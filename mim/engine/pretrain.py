@@ -12,15 +12,14 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from mim.config import ConfigError, RunError
+from mim.config import ConfigError
 from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_transform
-from mim.engine.common import (LoopState, NonFiniteGuard, RunLock, StopRequest, Throughput,
+from mim.engine.common import (LoopState, NonFiniteGuard, StopRequest, Throughput,
                                apply_speed_options, build_optimizer, build_scheduler,
-                               check_disk_space,
-                               count_flops, finish_update, fmt_count,
-                               make_accelerator, prepare_run_dir, print_accounting,
-                               record_bad_samples, resolve_resume, restore_training_state,
-                               save_training_state, seed_step, start_tracking, write_json)
+                               check_disk_space, count_flops, finish_update, fmt_count,
+                               print_accounting, record_bad_samples, resolve_resume,
+                               restore_training_state, run_job, save_training_state, seed_step,
+                               start_tracking, write_json)
 from mim.engine.checkpoint import state_dict_for_save
 from mim.engine.tracking import MetricsLog
 from mim.models import build_pretrainer
@@ -30,13 +29,7 @@ from mim.viz import pretrain_grid, save_grid
 
 def pretrain(cfg: Any) -> Path:
     """Run (or resume) a pretraining described by ``cfg``; returns the run directory."""
-    acc = make_accelerator(cfg)
-    run_dir = prepare_run_dir(acc, cfg)
-    try:
-        return _pretrain(acc, cfg, run_dir)
-    finally:
-        acc.end_training()
-        RunLock.release(run_dir)
+    return run_job(cfg, _pretrain)
 
 
 def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
