@@ -30,7 +30,7 @@ def test_loss_falls_and_run_dir_layout(tiny):
         assert key in rec[0]
     first = sum(r["loss"] for r in rec[:4]) / 4
     last = sum(r["loss"] for r in rec[-4:]) / 4
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.9 * first, (first, last)
     assert (run_dir / "config.yaml").is_file()
     assert load_config(run_dir / "config.yaml").to_dict() == cfg.to_dict()
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())

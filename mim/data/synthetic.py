@@ -1,7 +1,9 @@
 """The built-in synthetic image set: procedural shapes, generated on the fly, no download.
 
 Each image is a two-colour gradient background with one large shape drawn in a third colour and
-a few small distractor blobs. The label is the shape's kind (10 classes), so the same set serves
+a few small distractor blobs. The background and the shape take opposite halves of the brightness
+range (dark on light or light on dark), so the shape is always visible: the task is hard for a
+ViT trained from scratch on a few labels, yet learnable within the demo's minutes. The label is the shape's kind (10 classes), so the same set serves
 pretraining (labels ignored), classification and the comparison demo. Image ``i`` depends only
 on ``(seed, i)``.
 """
@@ -23,7 +25,10 @@ def _draw_label(rng: np.random.Generator) -> int:
 def synthetic_image(index: int, size: int, seed: int = 0) -> tuple[Image.Image, int]:
     rng = np.random.default_rng([seed, index])
     label = _draw_label(rng)
-    c0, c1, fg = (rng.integers(0, 256, 3) for _ in range(3))
+    dark, light = (0, 110), (150, 256)
+    bg_range, fg_range = (dark, light) if rng.random() < 0.5 else (light, dark)
+    c0, c1 = (rng.integers(*bg_range, 3) for _ in range(2))
+    fg = rng.integers(*fg_range, 3)
     t = np.linspace(0.0, 1.0, size)[None, :, None]
     if rng.random() < 0.5:
         t = t.transpose(1, 0, 2)
@@ -34,7 +39,7 @@ def synthetic_image(index: int, size: int, seed: int = 0) -> tuple[Image.Image, 
         x, y = rng.integers(0, size, 2)
         r = max(1, size // 16)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    half = size * rng.uniform(0.22, 0.4)
+    half = size * rng.uniform(0.3, 0.45)
     cx, cy = rng.uniform(half, size - half, 2)
     draw_shape(draw, CLASSES[label], cx, cy, half, tuple(int(v) for v in fg))
     return img, label
