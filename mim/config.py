@@ -32,6 +32,19 @@ class RunError(RuntimeError):
 # ----------------------------------------------------------------------------- sections
 
 
+class JobConfig:
+    """What every job's config has: a run directory and a plain-data form."""
+
+    run: Any
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -117,7 +130,9 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class LoopConfig:
+    """The training loop's keys, the same for every job (``train:``)."""
+
     epochs: int = 800
     max_steps: int = 0  # stop after this many optimizer updates (0 = no limit); schedule unchanged
     grad_accum_steps: int = 1
@@ -125,12 +140,16 @@ class TrainConfig:
     log_every: int = 20  # optimizer updates
     save_every: int = 1000  # optimizer updates
     keep_last: int = 2
+    max_nonfinite: int = 10  # stop after this many non-finite updates in a row
+    dist_timeout_s: int = 600  # a collective waiting longer than this fails (dead peer)
+
+
+@dataclass
+class TrainConfig(LoopConfig):
     vis_every: int = 1  # epochs between reconstruction grids; 0 = only at the end
     vis_images: int = 8
     compile: bool = False  # torch.compile each transformer block (regional compilation)
     grad_checkpointing: bool = False  # recompute block activations in backward (ViT-L/H memory)
-    max_nonfinite: int = 10  # stop after this many non-finite updates in a row
-    dist_timeout_s: int = 600  # a collective waiting longer than this fails (dead peer)
 
 
 @dataclass
@@ -142,7 +161,7 @@ class TrackingConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(JobConfig):
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -150,13 +169,6 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
 
     def validate(self) -> None:
         _validate_common(self)
@@ -231,22 +243,15 @@ class DropoutConfig:
 
 
 @dataclass
-class FinetuneTrainConfig:
+class FinetuneTrainConfig(LoopConfig):
     epochs: int = 100
-    max_steps: int = 0  # stop after this many optimizer updates (0 = no limit)
-    grad_accum_steps: int = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    log_every: int = 20  # optimizer updates
-    save_every: int = 1000  # optimizer updates; a checkpoint is also written every epoch
-    keep_last: int = 1
+    keep_last: int = 1  # a checkpoint is also written every epoch
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     best_metric: Literal["top1", "top5", "macro_f1", "loss"] = "top1"
-    max_nonfinite: int = 10  # stop after this many non-finite updates in a row
-    dist_timeout_s: int = 600  # a collective waiting longer than this fails (dead peer)
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(JobConfig):
     init: str = "scratch"  # scratch | mim run dir | .safetensors | MAE/BEiT .pth | timm:<name>
     init_file: str = ""  # timm:<name> weights from a local file instead of a download
     run: RunConfig = field(default_factory=RunConfig)
@@ -259,13 +264,6 @@ class FinetuneConfig:
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
 
     def validate(self) -> None:
         _validate_common(self)
@@ -340,21 +338,14 @@ class DetectEvalConfig:
 
 
 @dataclass
-class DetectTrainConfig:
+class DetectTrainConfig(LoopConfig):
     epochs: int = 12
-    max_steps: int = 0  # stop after this many optimizer updates (0 = no limit)
-    grad_accum_steps: int = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    log_every: int = 20  # optimizer updates
-    save_every: int = 1000  # optimizer updates
     keep_last: int = 1
     eval_every: int = 1  # epochs; the last epoch is always evaluated
-    max_nonfinite: int = 10  # stop after this many non-finite updates in a row
-    dist_timeout_s: int = 600  # a collective waiting longer than this fails (dead peer)
 
 
 @dataclass
-class DetectConfig:
+class DetectConfig(JobConfig):
     task: Literal["detect"] = "detect"  # marks the file as a detection config
     init: str = "scratch"  # as fine-tuning: scratch | run | file | MAE/BEiT .pth | timm:<name>
     init_file: str = ""  # timm:<name> weights from a local file instead of a download
@@ -366,13 +357,6 @@ class DetectConfig:
     eval: DetectEvalConfig = field(default_factory=DetectEvalConfig)
     train: DetectTrainConfig = field(default_factory=DetectTrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
 
     def validate(self) -> None:
         _validate_common(self)
@@ -389,7 +373,7 @@ class CompareRunConfig:
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(JobConfig):
     """``mim compare``: every init x label fraction x seed fine-tuned with one recipe."""
 
     run: CompareRunConfig = field(default_factory=CompareRunConfig)
@@ -398,7 +382,7 @@ class CompareConfig:
     init_files: dict[str, str] = field(default_factory=dict)  # name -> local file for timm:<name>
     finetune: str = ""  # the downstream fine-tune config file (classification)
     overrides: list[str] = field(default_factory=list)  # key=value over it, for every cell
-    # label fraction -> more key=value for its cells (e.g. more epochs at 1%), the same for every init
+    # label fraction -> more key=value for its cells (more epochs at 1%, say), alike for every init
     fraction_overrides: dict[float, list[str]] = field(default_factory=dict)
     label_fractions: list[float] = field(default_factory=lambda: [1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -406,13 +390,6 @@ class CompareConfig:
     score: Literal["final", "best"] = "final"  # best = the best epoch on validation (optimistic)
     allow_resample: bool = False  # accept inits whose pos/patch embeddings need resampling
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
 
     def validate(self) -> None:
         _check(bool(self.run.name) and "/" not in self.run.name,
@@ -443,7 +420,8 @@ class CompareConfig:
                 (f"fraction_overrides.{f:g}", v) for f, v in self.fraction_overrides.items()]:
             for item in items:
                 key = item.partition("=")[0].strip()
-                _check("=" in item and bool(key), f"config key '{where}': '{item}' is not key=value")
+                _check("=" in item and bool(key),
+                       f"config key '{where}': '{item}' is not key=value")
                 _check(key not in ("init", "init_file", "data.label_fraction", "run.seed",
                                    "run.name", "run.output_dir", "run.resume"),
                        f"config key '{where}': '{key}' is set by the comparison for every cell")
@@ -566,7 +544,7 @@ def _type_name(t: Any) -> str:
 
 
 def _coerce(value: Any, t: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``t``; ints widen to floats, nothing else is guessed."""
+    """Check ``value`` against the annotation ``t``; ints widen to floats, nothing else guessed."""
     origin = typing.get_origin(t)
     args = typing.get_args(t)
     bad = ConfigError(f"config key '{key}' must be {_type_name(t)}, got {value!r}")

@@ -2,10 +2,10 @@
 
 Each image is a two-colour gradient background with one large shape drawn in a third colour and
 a few small distractor blobs. The background and the shape take opposite halves of the brightness
-range (dark on light or light on dark), so the shape is always visible: the task is hard for a
-ViT trained from scratch on a few labels, yet learnable within the demo's minutes. The label is the shape's kind (10 classes), so the same set serves
-pretraining (labels ignored), classification and the comparison demo. Image ``i`` depends only
-on ``(seed, i)``.
+range (dark on light or light on dark), so the shape is always visible: the task is hard for a ViT
+trained from scratch on a few labels, yet learnable within the demo's minutes. The label is the
+shape's kind (10 classes), so the same set serves pretraining (labels ignored), classification and
+the comparison demo. Image ``i`` depends only on ``(seed, i)``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def synthetic_image(index: int, size: int, seed: int = 0) -> tuple[Image.Image, 
     for _ in range(int(rng.integers(0, 3))):  # small distractors
         x, y = rng.integers(0, size, 2)
         r = max(1, size // 16)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        blob = tuple(int(v) for v in rng.integers(0, 256, 3))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=blob)
     half = size * rng.uniform(0.3, 0.45)
     cx, cy = rng.uniform(half, size - half, 2)
     draw_shape(draw, CLASSES[label], cx, cy, half, tuple(int(v) for v in fg))
@@ -56,7 +57,8 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, half:
     elif kind == "triangle":
         draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=color)
     elif kind == "diamond":
-        draw.polygon([(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)], fill=color)
+        draw.polygon([(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)],
+                     fill=color)
     elif kind == "cross":
         w = half / 3
         draw.rectangle([cx - w, cy - half, cx + w, cy + half], fill=color)
