@@ -1,7 +1,7 @@
 """One contender of a step benchmark: a model, its optimizer and the training step, the same for
 mim and for the reference.
 
-The step is the engine's (``mim.engine.pretrain.train_one_epoch``): forward under the configured
+The step is the engine's (``mim.engine.loop.run_epoch``): forward under the configured
 autocast, backward, gradient norm and the non-finite guard (read on the host, as the engine
 does), optimizer step (fused AdamW, as the engine builds it, for both sides), ``zero_grad``. Only
 the model and how it is compiled differ.

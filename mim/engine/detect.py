@@ -1,5 +1,6 @@
-"""Detection fine-tuning: wiring (``detect``), the loop (``train_one_epoch``) and COCO evaluation
-(``evaluate``, ``evaluate_run`` for ``mim evaluate --run``).
+"""Detection fine-tuning: wiring (``detect``), the forward pass the shared loop
+(:func:`mim.engine.loop.run_epoch`) runs, and COCO evaluation (``evaluate``, ``evaluate_run`` for
+``mim evaluate --run``).
 
 Every evaluation writes ``predictions.json`` (COCO results, in the ground truth's image and
 category ids and the original image pixels) beside ``ground_truth.json``, appends the metrics to
@@ -9,28 +10,24 @@ category ids and the original image pixels) beside ``ground_truth.json``, append
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from mim.config import ConfigError, load_config
 from mim.data.detection import build_detection_loader, detection_transform, pad_collate
 from mim.data.detection_sources import build_detection_source, coco_ground_truth
 from mim.data.loader import EpochLoader
 from mim.engine.checkpoint import state_dict_for_save
-from mim.engine.common import (LoopState, NonFiniteGuard, StopRequest, Throughput,
-                               build_optimizer, build_scheduler, check_disk_space,
-                               count_flops, finish_update, fmt_count, make_accelerator,
-                               print_accounting, record_bad_samples, resolve_resume,
-                               restore_training_state, run_job, save_training_state, seed_step,
-                               start_tracking, write_json)
-from mim.engine.pretrain import Guards
+from mim.engine.common import (build_optimizer, build_scheduler, check_disk_space, count_flops,
+                               fmt_count, make_accelerator, print_accounting, run_job,
+                               save_training_state, write_json)
+from mim.engine.loop import Guards, report_stop, run_epoch, start_loop
 from mim.engine.tracking import MetricsLog
 from mim.losses import dense_detection_loss
 from mim.metrics.detection import METRIC_KEYS, CocoDetectionEvaluator, to_coco_results
@@ -130,18 +127,10 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
         acc.print(line)
     for issue in data.val_issues[:5]:
         acc.print(f"  data issue: {issue}")
-    model, optimizer = acc.prepare(model, optimizer)
-    state = LoopState()
-    resume_from = resolve_resume(cfg, run_dir)
-    if resume_from is not None:
-        state = restore_training_state(acc, cfg, resume_from, model, optimizer)
-        acc.print(f"resumed from {resume_from} at update {state.step}, epoch {state.epoch}")
-    start_tracking(acc, cfg, run_dir)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
-                         state if resume_from is not None else None)
+    model, optimizer, state, metrics, resumed = start_loop(acc, cfg, run_dir, model, optimizer)
     if acc.is_main_process:
         write_json(run_dir / "ground_truth.json", data.ground_truth)
-        if resume_from is None and data.val_issues:  # out-of-image boxes are clipped, not listed
+        if not resumed and data.val_issues:  # out-of-image boxes are clipped, not listed
             with open(run_dir / "data_issues.jsonl", "a") as f:
                 f.writelines(json.dumps({"split": d.val_split, "issue": issue}) + "\n"
                              for issue in data.val_issues)
@@ -149,15 +138,12 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
             "global_batch": global_batch, "flops_per_image": flops, "lr": lr,
             "classes": data.classes, "init": init_report.to_dict()}
     last_eval: dict[str, Any] = state.extra.get("last_eval", {})
-    guards = Guards(seen_bad=set(), max_bad=int(d.max_bad_fraction * len(data.train.dataset)
-                                                / acc.num_processes),
-                    max_bad_fraction=d.max_bad_fraction,
-                    nonfinite=NonFiniteGuard(cfg.train.max_nonfinite), stop=StopRequest())
-    stopped = None
+    guards = Guards.for_run(acc, cfg, len(data.train.dataset))
+    stopped, forward = None, partial(_forward, acc, model, cfg.loss)
     try:
         while state.epoch < cfg.train.epochs and not stopped:
-            stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, data.train, state,
-                                      metrics, run_dir, meta, guards)
+            stopped = run_epoch(acc, cfg, model, optimizer, scheduler, data.train, state,
+                                metrics, run_dir, meta, guards, forward)
             if stopped:
                 break
             epoch = state.epoch + 1
@@ -169,13 +155,8 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
     finally:
         guards.stop.restore()
     save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
-    if stopped == "signal":
-        acc.print(f"interrupted by signal {guards.stop.signum} at update {state.step}; checkpoint "
-                  "saved, resume with run.resume=auto")
-        raise SystemExit(143)
-    if stopped:
-        acc.print(f"stopped at update {state.step} (train.max_steps); resume with run.resume=auto")
-    elif acc.is_main_process:
+    report_stop(acc, stopped, state, guards)
+    if acc.is_main_process and not stopped:
         net = acc.unwrap_model(model)
         save_file(state_dict_for_save(net.state_dict()), str(run_dir / "model.safetensors"))
         write_json(run_dir / "summary.json", {
@@ -193,73 +174,22 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
     return run_dir
 
 
-def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, state: LoopState,
-                    metrics: MetricsLog, run_dir: Path, meta: dict, guards: Guards) -> str | None:
-    """One epoch of updates from ``state.update_in_epoch``; the reason if it stopped early
-    ('max_steps', 'signal'). Non-finite updates are skipped and counted as in pretraining."""
-    t, accum, lc = cfg.train, cfg.train.grad_accum_steps, cfg.loss
-    updates = meta["updates_per_epoch"]
-    batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
-    params = [p for p in model.parameters() if p.requires_grad]
+def _forward(acc, model, lc: Any, batch: dict) -> tuple[torch.Tensor, dict, int]:
+    """One micro-batch: the detector under autocast, then anchor assignment and the focal + box
+    loss in fp32, divided on every process by the same (mean) number of positives."""
+    images = batch["images"].to(acc.device, non_blocking=True)
+    mask = batch["mask"].to(acc.device, non_blocking=True)
     net: DenseDetector = acc.unwrap_model(model)
-    speed, sums, n_sum = Throughput(), torch.zeros(4, device=acc.device), 0
-    model.train()
-    bar = tqdm(total=updates, initial=state.update_in_epoch, desc=f"epoch {state.epoch}",
-               disable=not acc.is_local_main_process, leave=False, dynamic_ncols=True)
-    while state.update_in_epoch < updates:
-        if t.max_steps and state.step >= t.max_steps:
-            bar.close()
-            return "max_steps"
-        if guards.stop.agreed(acc):
-            bar.close()
-            return "signal"
-        scheduler.step_update(state.step)
-        update = torch.zeros(4, device=acc.device)  # loss, focal, box, positives
-        for micro in range(accum):
-            batch = next(batches)
-            record_bad_samples(acc, run_dir, state, batch["bad"], guards.seen_bad,
-                               guards.max_bad, guards.max_bad_fraction)
-            images = batch["images"].to(acc.device, non_blocking=True)
-            mask = batch["mask"].to(acc.device, non_blocking=True)
-            seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
-            sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
-            with sync:
-                with acc.autocast():
-                    out = model(images, mask)
-                labels, boxes = net.assign(out, batch["targets"])
-                # every process divides by the same (mean) number of positives
-                num_pos = acc.reduce((labels >= 0).sum().float(), reduction="mean")
-                losses = dense_detection_loss(
-                    out.cls_logits, out.box_deltas, out.anchors, labels, boxes, net.box_coder,
-                    alpha=lc.focal_alpha, gamma=lc.focal_gamma, box=lc.box,
-                    box_weight=lc.box_weight, num_pos=num_pos)
-                acc.backward(losses["loss"] / accum)
-            update += torch.stack([losses["loss"].detach(), losses["loss_cls"].detach(),
-                                   losses["loss_box"].detach(), num_pos.detach()]) / accum
-            speed.add(images.shape[0] * acc.num_processes)
-        counted, grad_norm = finish_update(acc, cfg, optimizer, params, update[0], state,
-                                           guards.nonfinite, meta["global_batch"])
-        if counted:
-            sums += update
-            n_sum += 1
-        bar.update(1)
-        if state.step % t.log_every == 0 or state.update_in_epoch == updates:
-            total = acc.reduce(torch.cat([sums, sums.new_tensor([float(n_sum)])]), reduction="sum")
-            avg = (total[:4] / total[4]).tolist() if total[4] > 0 else [float("nan")] * 4
-            rec = {"step": state.step, "epoch": state.epoch + state.update_in_epoch / updates,
-                   "loss": avg[0], "loss_cls": avg[1], "loss_box": avg[2], "positives": avg[3],
-                   "lr": max(g["lr"] for g in optimizer.param_groups),
-                   "grad_norm": float(grad_norm), "images_per_s": speed.read(),
-                   "bad_samples": state.bad_samples}
-            metrics.write(rec)
-            acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=state.step)
-            bar.set_postfix(loss=f"{avg[0]:.4f}", lr=f"{rec['lr']:.2e}")
-            sums.zero_()
-            n_sum = 0
-        if state.step % t.save_every == 0 and guards.nonfinite.in_row == 0:
-            save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
-    bar.close()
-    return None
+    with acc.autocast():
+        out = model(images, mask)
+    labels, boxes = net.assign(out, batch["targets"])
+    num_pos = acc.reduce((labels >= 0).sum().float(), reduction="mean")
+    losses = dense_detection_loss(
+        out.cls_logits, out.box_deltas, out.anchors, labels, boxes, net.box_coder,
+        alpha=lc.focal_alpha, gamma=lc.focal_gamma, box=lc.box, box_weight=lc.box_weight,
+        num_pos=num_pos)
+    scalars = {"loss_cls": losses["loss_cls"], "loss_box": losses["loss_box"], "positives": num_pos}
+    return losses["loss"], scalars, images.shape[0]
 
 
 def _to_original(det: dict[str, torch.Tensor], size: torch.Tensor, orig: torch.Tensor

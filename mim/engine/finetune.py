@@ -1,4 +1,5 @@
-"""Fine-tuning a ViT classifier: wiring (``finetune``) and the loop (``train_one_epoch``).
+"""Fine-tuning a ViT classifier: wiring (``finetune``), its epoch (train, evaluate, checkpoint)
+and the forward pass the shared loop (:func:`mim.engine.loop.run_epoch`) runs.
 
 Evaluation, the best checkpoint and re-evaluation of a finished run live in
 :mod:`mim.engine.evaluate`.
@@ -6,7 +7,6 @@ Evaluation, the best checkpoint and re-evaluation of a finished run live in
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,19 +16,16 @@ import torch
 from accelerate.utils import set_seed
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from tqdm.auto import tqdm
 
 from mim.config import ConfigError
 from mim.data import EpochLoader, build_epoch_loader, build_source, eval_transform
 from mim.data.labels import SubsetSource, class_names, source_labels, stratified_subset
 from mim.data.transforms import finetune_transform
-from mim.engine.common import (LoopState, NonFiniteGuard, StopRequest, Throughput,
-                               build_optimizer, build_scheduler, check_disk_space,
-                               count_flops, finish_update, fmt_count, print_accounting,
-                               record_bad_samples, resolve_resume, restore_training_state,
-                               run_job, save_training_state, seed_step, start_tracking)
+from mim.engine.common import (LoopState, build_optimizer, build_scheduler, check_disk_space,
+                               count_flops, fmt_count, print_accounting, run_job,
+                               save_training_state)
 from mim.engine.evaluate import BestKeeper, evaluate, log_eval, write_finetune_summary
-from mim.engine.pretrain import Guards
+from mim.engine.loop import Guards, report_stop, run_epoch, start_loop
 from mim.engine.tracking import MetricsLog
 from mim.losses import softmax_focal_loss
 from mim.models.classifier import DropoutSchedule, build_classifier
@@ -176,25 +173,14 @@ def _finetune(acc, cfg: Any, run_dir: Path) -> Path:
         ("parameters", f"{fmt_count(total)} ({fmt_count(trainable)} trainable)"),
         ("FLOPs / image", f"{fmt_count(flops)} forward"),
     ])
-    model, optimizer = acc.prepare(model, optimizer)
-    state = LoopState()
-    resume_from = resolve_resume(cfg, run_dir)
-    if resume_from is not None:
-        state = restore_training_state(acc, cfg, resume_from, model, optimizer)
-        acc.print(f"resumed from {resume_from} at update {state.step}, epoch {state.epoch}")
-    start_tracking(acc, cfg, run_dir)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
-                         state if resume_from is not None else None)
+    model, optimizer, state, metrics, _ = start_loop(acc, cfg, run_dir, model, optimizer)
     best = BestKeeper(run_dir, cfg.train.best_metric, state.extra.get("best"))
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
             "global_batch": global_batch, "flops_per_image": flops, "lr": lr,
             "num_classes": data.num_classes, "class_names": data.class_names,
             "train_images": data.train_images, "val_images": data.val_images,
             "init": init_report.to_dict()}
-    guards = Guards(seen_bad=set(), max_bad=int(d.max_bad_fraction * data.train_images
-                                                / acc.num_processes),
-                    max_bad_fraction=d.max_bad_fraction,
-                    nonfinite=NonFiniteGuard(cfg.train.max_nonfinite), stop=StopRequest())
+    guards = Guards.for_run(acc, cfg, data.train_images)
     stopped = None
     try:
         while state.epoch < cfg.train.epochs and not stopped:
@@ -202,13 +188,9 @@ def _finetune(acc, cfg: Any, run_dir: Path) -> Path:
                              run_dir, meta, mixup, criterion, guards, dropout, best)
     finally:
         guards.stop.restore()
-    if stopped:
+    if stopped:  # a finished epoch has saved its checkpoint already
         save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
-        if stopped == "signal":
-            acc.print(f"interrupted by signal {guards.stop.signum} at update {state.step}; "
-                      "checkpoint saved, resume with run.resume=auto")
-            raise SystemExit(143)
-        acc.print(f"stopped at update {state.step} (train.max_steps); resume with run.resume=auto")
+        report_stop(acc, stopped, state, guards)
     elif acc.is_main_process:
         meta["nonfinite_updates"] = guards.nonfinite.total
         write_finetune_summary(acc, cfg, model, run_dir, state, best,
@@ -223,8 +205,9 @@ def _epoch(acc, cfg, model, optimizer, scheduler, data: ClassificationData, stat
            best: BestKeeper) -> str | None:
     """Train one epoch, evaluate when due, checkpoint; the reason if it stopped early."""
     meta["dropout_scale"] = dropout.set_epoch(state.epoch)
-    stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, data.train, state,
-                              metrics, run_dir, meta, mixup, criterion, guards)
+    stopped = run_epoch(acc, cfg, model, optimizer, scheduler, data.train, state, metrics,
+                        run_dir, meta, guards, partial(_forward, acc, model, mixup, criterion),
+                        log_extra={"dropout_scale": meta["dropout_scale"]})
     if stopped:
         return stopped
     epoch = state.epoch + 1
@@ -242,64 +225,13 @@ def _epoch(acc, cfg, model, optimizer, scheduler, data: ClassificationData, stat
     return None
 
 
-def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader: EpochLoader, state: LoopState,
-                    metrics: MetricsLog, run_dir: Path, meta: dict, mixup: Mixup | None,
-                    criterion: Callable, guards: Guards) -> str | None:
-    """One epoch of updates from ``state.update_in_epoch``; the reason if it stopped early."""
-    t, accum = cfg.train, cfg.train.grad_accum_steps
-    updates = meta["updates_per_epoch"]
-    batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
-    params = [p for p in model.parameters() if p.requires_grad]
-    speed, loss_sum, n_sum = Throughput(), torch.zeros((), device=acc.device), 0
-    model.train()
-    bar = tqdm(total=updates, initial=state.update_in_epoch, desc=f"epoch {state.epoch}",
-               disable=not acc.is_local_main_process, leave=False, dynamic_ncols=True)
-    while state.update_in_epoch < updates:
-        if t.max_steps and state.step >= t.max_steps:
-            bar.close()
-            return "max_steps"
-        if guards.stop.agreed(acc):
-            bar.close()
-            return "signal"
-        scheduler.step_update(state.step)
-        update_loss = torch.zeros((), device=acc.device)
-        for micro in range(accum):
-            batch = next(batches)
-            record_bad_samples(acc, run_dir, state, batch["bad"], guards.seen_bad,
-                               guards.max_bad, guards.max_bad_fraction)
-            images = batch["image"].to(acc.device, non_blocking=True)
-            targets = batch["label"].to(acc.device, non_blocking=True)
-            seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
-            with sync:
-                with acc.autocast():
-                    loss = criterion(model(images), targets)
-                acc.backward(loss / accum)
-            update_loss += loss.detach().float() / accum
-            speed.add(images.shape[0] * acc.num_processes)
-        counted, grad_norm = finish_update(acc, cfg, optimizer, params, update_loss, state,
-                                           guards.nonfinite, meta["global_batch"])
-        if counted:
-            loss_sum += update_loss
-            n_sum += 1
-        bar.update(1)
-        if state.step % t.log_every == 0 or state.update_in_epoch == updates:
-            total = acc.reduce(torch.stack([loss_sum, torch.tensor(float(n_sum),
-                                                                   device=acc.device)]),
-                               reduction="sum")
-            loss_avg = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
-            rec = {"step": state.step, "epoch": state.epoch + state.update_in_epoch / updates,
-                   "loss": loss_avg, "lr": max(g["lr"] for g in optimizer.param_groups),
-                   "grad_norm": float(grad_norm), "images_per_s": speed.read(),
-                   "dropout_scale": meta["dropout_scale"], "bad_samples": state.bad_samples}
-            metrics.write(rec)
-            acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=state.step)
-            bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{rec['lr']:.2e}")
-            loss_sum.zero_()
-            n_sum = 0
-        if state.step % t.save_every == 0 and guards.nonfinite.in_row == 0:
-            save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
-    bar.close()
-    return None
+def _forward(acc, model, mixup: Mixup | None, criterion: Callable,
+             batch: dict) -> tuple[torch.Tensor, dict, int]:
+    """One micro-batch: mixup/cutmix (if on), then the classification loss."""
+    images = batch["image"].to(acc.device, non_blocking=True)
+    targets = batch["label"].to(acc.device, non_blocking=True)
+    if mixup is not None:
+        images, targets = mixup(images, targets)
+    with acc.autocast():
+        loss = criterion(model(images), targets)
+    return loss, {}, images.shape[0]

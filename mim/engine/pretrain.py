@@ -1,25 +1,22 @@
-"""Masked-image-modeling pretraining: wiring (``pretrain``) and the loop (``train_one_epoch``)."""
+"""Masked-image-modeling pretraining: wiring (``pretrain``), the forward pass the shared loop
+(:func:`mim.engine.loop.run_epoch`) runs, reconstruction grids and the encoder export."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from mim.config import ConfigError
 from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_transform
-from mim.engine.common import (LoopState, NonFiniteGuard, StopRequest, Throughput,
-                               apply_speed_options, build_optimizer, build_scheduler,
-                               check_disk_space, count_flops, finish_update, fmt_count,
-                               print_accounting, record_bad_samples, resolve_resume,
-                               restore_training_state, run_job, save_training_state, seed_step,
-                               start_tracking, write_json)
+from mim.engine.common import (LoopState, apply_speed_options, build_optimizer, build_scheduler,
+                               check_disk_space, count_flops, fmt_count, print_accounting, run_job,
+                               save_training_state, write_json)
+from mim.engine.loop import Guards, report_stop, run_epoch, start_loop
 from mim.engine.checkpoint import state_dict_for_save
 from mim.engine.tracking import MetricsLog
 from mim.models import build_pretrainer
@@ -74,35 +71,20 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
         ("parameters", f"{fmt_count(all_params)} ({fmt_count(enc_params)} encoder)"),
         ("FLOPs / image", f"{fmt_count(flops)} forward, ~{fmt_count(3 * flops)} train step"),
     ])
-    model, optimizer = acc.prepare(model, optimizer)
-    state = LoopState()
-    resume_from = resolve_resume(cfg, run_dir)
-    if resume_from is not None:
-        state = restore_training_state(acc, cfg, resume_from, model, optimizer)
-        acc.print(f"resumed from {resume_from} at update {state.step}, epoch {state.epoch}")
+    model, optimizer, state, metrics, _ = start_loop(acc, cfg, run_dir, model, optimizer)
     if state.step >= total_updates:
         acc.print(f"run already complete ({state.step} updates)")
-    start_tracking(acc, cfg, run_dir)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
-                         state if resume_from is not None else None)
     vis_images = _vis_batch(cfg, source)
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
             "global_batch": global_batch, "flops_per_image": flops, "needs_labels": needs_labels}
-    guards = Guards(seen_bad=set(), max_bad=int(d.max_bad_fraction * len(source)
-                                                / acc.num_processes),
-                    max_bad_fraction=d.max_bad_fraction,
-                    nonfinite=NonFiniteGuard(cfg.train.max_nonfinite), stop=StopRequest())
+    guards = Guards.for_run(acc, cfg, len(source))
     try:
         stopped = _train(acc, cfg, model, optimizer, scheduler, loader, state, metrics, run_dir,
                          meta, guards, vis_images)
     finally:
         guards.stop.restore()
-    if stopped == "signal":
-        save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
-        acc.print(f"interrupted by signal {guards.stop.signum} at update {state.step}; checkpoint "
-                  "saved, resume with run.resume=auto")
-        raise SystemExit(143)
     save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+    report_stop(acc, stopped, state, guards)
     if acc.is_main_process and state.epoch >= cfg.train.epochs:
         export_encoder(acc.unwrap_model(model), run_dir / "encoder.safetensors")
         write_json(run_dir / "summary.json", {"updates": state.step, "epochs": state.epoch,
@@ -111,26 +93,16 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
                                               "nonfinite_updates": guards.nonfinite.total, **meta})
         acc.print(f"done: {state.step} updates. Results in {run_dir}/ "
                   "(config.yaml, metrics.jsonl, checkpoints/, encoder.safetensors, recon_*.png)")
-    elif acc.is_main_process:
-        acc.print(f"stopped at update {state.step} (train.max_steps); resume with run.resume=auto")
     return run_dir
-
-
-@dataclass
-class Guards:
-    seen_bad: set[str]
-    max_bad: int
-    max_bad_fraction: float
-    nonfinite: NonFiniteGuard
-    stop: StopRequest
 
 
 def _train(acc, cfg, model, optimizer, scheduler, loader, state: LoopState, metrics: MetricsLog,
            run_dir: Path, meta: dict, guards: Guards, vis_images: torch.Tensor) -> str | None:
     """Epochs from ``state`` to the end; returns why it stopped early ('max_steps', 'signal')."""
+    forward = partial(_forward, acc, model, meta["needs_labels"])
     while state.epoch < cfg.train.epochs:
-        stopped = train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state, metrics,
-                                  run_dir, meta, guards)
+        stopped = run_epoch(acc, cfg, model, optimizer, scheduler, loader, state, metrics,
+                            run_dir, meta, guards, forward)
         if stopped:
             return stopped
         last = state.epoch == cfg.train.epochs - 1
@@ -142,75 +114,15 @@ def _train(acc, cfg, model, optimizer, scheduler, loader, state: LoopState, metr
     return None
 
 
-def train_one_epoch(acc, cfg, model, optimizer, scheduler, loader, state: LoopState,
-                    metrics: MetricsLog, run_dir: Path, meta: dict, guards: Guards) -> str | None:
-    """One epoch of updates from ``state.update_in_epoch``; the reason if it stopped early."""
-    t, accum = cfg.train, cfg.train.grad_accum_steps
-    updates = meta["updates_per_epoch"]
-    batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
-    params = [p for p in model.parameters() if p.requires_grad]
-    speed, loss_sum, n_sum = Throughput(), torch.zeros((), device=acc.device), 0
-    extra_sums: dict[str, torch.Tensor] = {}  # a model's optional PretrainOutput.metrics
-    bar = tqdm(total=updates, initial=state.update_in_epoch, desc=f"epoch {state.epoch}",
-               disable=not acc.is_local_main_process, leave=False, dynamic_ncols=True)
-    while state.update_in_epoch < updates:
-        if t.max_steps and state.step >= t.max_steps:
-            bar.close()
-            return "max_steps"
-        if guards.stop.agreed(acc):
-            bar.close()
-            return "signal"
-        scheduler.step_update(state.step)
-        update_loss = torch.zeros((), device=acc.device)
-        update_metrics: dict[str, torch.Tensor] = {}
-        for micro in range(accum):
-            batch = speed.wait_for(batches)
-            record_bad_samples(acc, run_dir, state, batch["bad"], guards.seen_bad,
-                               guards.max_bad, guards.max_bad_fraction)
-            images = batch["image"].to(acc.device, non_blocking=True)
-            seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
-            sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
-            with sync:
-                with acc.autocast():
-                    if meta["needs_labels"]:
-                        out = model(images, labels=batch["label"].to(acc.device))
-                    else:
-                        out = model(images)
-                    loss = out.loss
-                acc.backward(loss / accum)
-            update_loss += loss.detach() / accum
-            for k, v in out.metrics.items():  # every process makes the same keys, counted or not
-                update_metrics[k] = update_metrics.get(k, 0.0) + v.detach().float() / accum
-                extra_sums.setdefault(k, torch.zeros((), device=acc.device))
-            speed.add(images.shape[0] * acc.num_processes)
-        counted, grad_norm = finish_update(acc, cfg, optimizer, params, update_loss, state,
-                                           guards.nonfinite, meta["global_batch"])
-        if counted:
-            loss_sum += update_loss
-            n_sum += 1
-            for k, v in update_metrics.items():
-                extra_sums[k] += v
-        bar.update(1)
-        if state.step % t.log_every == 0 or state.update_in_epoch == updates:
-            total = acc.reduce(torch.stack([loss_sum, torch.tensor(float(n_sum), device=acc.device)]),
-                               reduction="sum")
-            loss_avg = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
-            rec = {"step": state.step, "epoch": state.epoch + state.update_in_epoch / updates,
-                   "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"],
-                   "grad_norm": float(grad_norm), "images_per_s": speed.read(),
-                   "data_wait": speed.data_wait, "bad_samples": state.bad_samples}
-            for k, v in extra_sums.items():  # averaged like the loss: over every counted update
-                rec[k] = (acc.reduce(v, reduction="sum") / total[1].clamp_min(1)).item()
-            extra_sums.clear()
-            metrics.write(rec)
-            acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=state.step)
-            bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{rec['lr']:.2e}")
-            loss_sum.zero_()
-            n_sum = 0
-        if state.step % t.save_every == 0 and guards.nonfinite.in_row == 0:
-            save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
-    bar.close()
-    return False
+def _forward(acc, model, needs_labels: bool, batch: dict) -> tuple[torch.Tensor, dict, int]:
+    """One micro-batch: the pretrainer's loss and its optional metrics (``PretrainOutput``)."""
+    images = batch["image"].to(acc.device, non_blocking=True)
+    with acc.autocast():
+        if needs_labels:
+            out = model(images, labels=batch["label"].to(acc.device))
+        else:
+            out = model(images)
+    return out.loss, out.metrics, images.shape[0]
 
 
 def _vis_batch(cfg: Any, source: Any) -> torch.Tensor:
