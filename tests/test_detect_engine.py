@@ -148,7 +148,7 @@ def test_shipped_detection_configs_validate(path):
     load_config(path, over, job="detect")
 
 
-def test_bad_validation_labels_are_listed_in_data_issues(tmp_path):
+def test_bad_labels_of_both_splits_are_listed_in_data_issues(tmp_path):
     from PIL import Image
 
     root = tmp_path / "yolo"
@@ -165,16 +165,23 @@ def test_bad_validation_labels_are_listed_in_data_issues(tmp_path):
         "0 0.95 0.5 0.3 0.3\n"  # partly outside: clipped, kept
         "5 0.5 0.5 0.1 0.1\n"   # unknown class
         "0 0.5 0.5 0\n")        # malformed
+    (root / "labels" / "train" / "2.txt").write_text("0 0.5 0.5 0.4 0.4\n0 0.5 0.5 0.4 0.4 7\n"
+                                                     "0 -2 0.5 0.2 0.2\n")  # malformed, outside
     run = detect(load_config(None, [
         "task=detect", "model.arch=vit_tiny_patch16_224", "model.img_size=64",
         "model.patch_size=8", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
         "model.pyramid_dim=16", "data.format=yolo", f"data.path={root}", "data.val_split=val",
-        "data.batch_size=4", "data.num_workers=0", "tracking.backend=none", "train.epochs=1",
+        "data.batch_size=2", "data.num_workers=1", "tracking.backend=none", "train.epochs=2",
         "eval.vis_images=0", f"run.output_dir={tmp_path}", "run.name=bad-labels"], job="detect"))
     issues = read_metrics(run / "data_issues.jsonl")
-    assert len(issues) == 3 and all(r["split"] == "val" for r in issues)
-    text = " ".join(r["issue"] for r in issues)
+    val = [r for r in issues if r["split"] == "val"]
+    assert len(val) == 3
+    text = " ".join(r["issue"] for r in val)
     assert "1 degenerate box(es) dropped" in text and text.count("not 'class cx cy w h'") == 2
-    assert json.loads((run / "summary.json").read_text())["val_box_issues"] == 3
+    train = [r["issue"] for r in issues if r["split"] == "train"]  # read in a loader worker,
+    assert len(train) == 2 and "2.txt:2: not 'class cx cy w h'" in train[0] + train[1]  # once
+    assert any("1 degenerate box(es) dropped" in t for t in train)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val_box_issues"] == 3 and summary["train_label_issues"] == 2
     gt = json.loads((run / "ground_truth.json").read_text())
     assert sum(a["image_id"] == 2 for a in gt["annotations"]) == 2  # the fine one, the clipped one

@@ -80,7 +80,7 @@ def test_padding_mask_marks_real_pixels():
     samples = [{"image": torch.ones(3, h, w), "boxes": torch.zeros(0, 4),
                 "labels": torch.zeros(0, dtype=torch.long),
                 "iscrowd": torch.zeros(0, dtype=torch.bool), "image_id": i,
-                "orig_size": (h, w), "index": i, "bad": []}
+                "orig_size": (h, w), "index": i, "bad": [], "issues": []}
                for i, (h, w) in enumerate([(40, 64), (64, 17), (33, 33)])]
     batch = pad_collate(samples, size_divisibility=32)
     assert batch["images"].shape == (3, 3, 64, 64) and batch["mask"].shape == (3, 64, 64)

@@ -48,7 +48,9 @@ def detection_transform(img_size: int, train: bool, mean, std, hflip: float = 0.
 
 class DetectionDataset(TransformedDataset):
     """``source.load(i)`` through the box-aware transform under the per-sample seed
-    ``(seed, epoch, i)``; an unreadable image is replaced and reported as in pretraining."""
+    ``(seed, epoch, i)``; an unreadable image is replaced and reported as in pretraining. Label
+    problems the source finds while parsing the sample (dropped boxes, malformed lines) travel
+    with it as ``issues``, for the engine to list."""
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)  # see the sampler
@@ -56,11 +58,15 @@ class DetectionDataset(TransformedDataset):
         n = len(self.source)
         for attempt in range(16):
             i = (index + attempt * 7919) % n
+            known = len(self.source.issues)
             try:
                 img, ann, _ = self.source.load(i)
             except UnreadableImage as e:
                 bad.append((e.path, e.reason))
                 continue
+            finally:  # this sample's label issues leave with it; the list does not grow
+                issues = self.source.issues[known:]
+                del self.source.issues[known:]
             sample = {
                 "image": img,
                 "boxes": tv_tensors.BoundingBoxes(ann.boxes, format="XYXY",
@@ -75,7 +81,7 @@ class DetectionDataset(TransformedDataset):
                     "boxes": out["boxes"].as_subclass(torch.Tensor).float(),
                     "labels": out["labels"], "iscrowd": out["iscrowd"],
                     "image_id": ann.image_id, "orig_size": (img.height, img.width),
-                    "index": i, "bad": bad}
+                    "index": i, "bad": bad, "issues": issues}
         raise RuntimeError(f"16 consecutive unreadable samples from index {index}: {bad[:3]}")
 
 
@@ -105,6 +111,7 @@ def pad_collate(samples: list[dict[str, Any]], size_divisibility: int) -> dict[s
         "image_ids": torch.tensor([s["image_id"] for s in samples]),
         "index": torch.tensor([s["index"] for s in samples]),
         "bad": [b for s in samples for b in s["bad"]],
+        "issues": [x for s in samples for x in s["issues"]],
     }
 
 

@@ -425,6 +425,20 @@ def step_if_finite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) ->
     return nonfinite
 
 
+def record_label_issues(acc: Accelerator, run_dir: Path, state: LoopState, issues: list[str],
+                        split: str) -> None:
+    """List label problems found while loading (dropped boxes, malformed lines) in
+    data_issues.jsonl, the way validation's are listed at start-up; the first one is printed."""
+    if not issues:
+        return
+    if not state.extra.get("label_issues"):
+        acc.print(f"warning: {issues[0]} ('{split}' split); all are listed in data_issues.jsonl")
+    state.extra["label_issues"] = state.extra.get("label_issues", 0) + len(issues)
+    with open(run_dir / "data_issues.jsonl", "a") as f:
+        f.writelines(json.dumps({"split": split, "issue": issue, "rank": acc.process_index,
+                                 "step": state.step}) + "\n" for issue in issues)
+
+
 def record_bad_samples(acc: Accelerator, run_dir: Path, state: LoopState, bad: list,
                        seen: set, max_bad: int | None = None, max_fraction: float = 0.0) -> None:
     """Count each unreadable file once and list it in data_issues.jsonl (path, error, rank);

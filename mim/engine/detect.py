@@ -164,7 +164,9 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
             "per_class_ap": last_eval.get("per_class_ap", {}), "updates": state.step,
             "epochs": state.epoch, "images_seen": state.images_seen,
             "bad_samples": state.bad_samples, "nonfinite_updates": guards.nonfinite.total,
-            "val_box_issues": len(data.val_issues), "pr_score_thresh": cfg.eval.pr_score_thresh,
+            "val_box_issues": len(data.val_issues),
+            "train_label_issues": _count_issues(run_dir / "data_issues.jsonl", d.split),
+            "pr_score_thresh": cfg.eval.pr_score_thresh,
             **meta})
         acc.print(f"done: {state.step} updates, mAP {last_eval.get('map', 0):.4f}, mAP@0.5 "
                   f"{last_eval.get('map_50', 0):.4f}. Results in {run_dir}/ (summary.json, "
@@ -172,6 +174,14 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
                   "model.safetensors)")
     acc.wait_for_everyone()
     return run_dir
+
+
+def _count_issues(path: Path, split: str) -> int:
+    """Distinct label issues of ``split`` in data_issues.jsonl (a resume may list one twice)."""
+    if not path.is_file():
+        return 0
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return len({r["issue"] for r in rows if r.get("split") == split and "issue" in r})
 
 
 def _forward(acc, model, lc: Any, batch: dict) -> tuple[torch.Tensor, dict, int]:

@@ -16,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mim.engine.common import (LoopState, NonFiniteGuard, StopRequest, Throughput, finish_update,
-                               record_bad_samples, resolve_resume, restore_training_state,
-                               save_training_state, seed_step, start_tracking)
+                               record_bad_samples, record_label_issues, resolve_resume,
+                               restore_training_state, save_training_state, seed_step,
+                               start_tracking)
 from mim.engine.tracking import MetricsLog
 
 # batch -> (loss, scalars logged beside it, number of images); the job's autocast scope is its own
@@ -87,6 +88,8 @@ def run_epoch(acc, cfg: Any, model: torch.nn.Module, optimizer: torch.optim.Opti
             batch = speed.wait_for(batches)
             record_bad_samples(acc, run_dir, state, batch["bad"], guards.seen_bad,
                                guards.max_bad, guards.max_bad_fraction)
+            if state.epoch == 0:  # each sample once: the first epoch reads every one once
+                record_label_issues(acc, run_dir, state, batch.get("issues", []), cfg.data.split)
             seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
             with acc.no_sync(model) if micro < accum - 1 else nullcontext():
                 loss, scalars, n = forward(batch)
