@@ -228,6 +228,44 @@ def test_dead_process_ends_the_whole_launch(tiny):
             proc.kill()
 
 
+def _launch_two(over, port):
+    """A 2-process CPU launch in its own session, so one killpg takes every rank at once."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                             "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                             "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                             "-m", "mim", "pretrain", *over], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_two_process_run_killed_whole_then_resumed(tiny):
+    """Every rank SIGKILLed at once (a lost node) mid-run: the relaunch resumes from the last
+    checkpoint and logs the uninterrupted two-process run's losses."""
+    runs = {name: tiny(*COMMON, name=name) for name in ("ddp-ref", "ddp-kill")}
+    ref = _launch_two(runs["ddp-ref"], 29531)
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out[-2000:]
+    reference = _losses(load_config(None, runs["ddp-ref"]).run_dir)
+    assert len(reference) == 12  # 128 images / (16 x 2 processes) x 3 epochs
+    run_dir = load_config(None, runs["ddp-kill"]).run_dir
+    proc = _launch_two(runs["ddp-kill"], 29532)
+    try:
+        assert _wait_for_lines(run_dir / "metrics.jsonl", 7, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(_losses(run_dir)) < len(reference)  # killed mid-run, not after it
+    assert latest_checkpoint(run_dir / "checkpoints") is not None
+    proc = _launch_two(runs["ddp-kill"], 29533)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    assert "resumed from" in out
+    got = _losses(run_dir)
+    assert len(got) == len(reference)
+    assert max(abs(a - b) for a, b in zip(got, reference)) < 1e-5
+
+
 # ------------------------------------------------------------------ fine-tuning and detection
 
 FT = ["model.arch=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8",
