@@ -135,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, UnsafeCheckpoint) as e:
         print(f"mim: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def entry() -> None:

@@ -33,6 +33,15 @@ def mim_cmd() -> list[str]:
     return [sys.executable, "-m", "mim"]
 
 
+def two_process_launch(port: int) -> tuple[list[str], dict[str, str]]:
+    """Command prefix (ending in ``-m mim``) and environment of a real 2-process CPU launch over
+    gloo; ``accelerate launch --cpu`` would start only one process."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), "-m", "mim"], env
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
 

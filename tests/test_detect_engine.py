@@ -1,9 +1,7 @@
 """End-to-end detection fine-tuning of a tiny ViT detector on the synthetic set, on CPU."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from mim.config import ConfigError, load_config
 from mim.engine.detect import detect
 from mim.engine.tracking import read_metrics
 from mim.metrics.detection import METRIC_KEYS
-from tests.conftest import REPO
+from tests.conftest import REPO, two_process_launch
 
 TINY = ["task=detect", "model.arch=vit_tiny_patch16_224", "model.img_size=64", "model.patch_size=8",
         "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pyramid_dim=32",
@@ -115,10 +113,7 @@ def test_two_processes_train_and_evaluate_exactly(tmp_path, capsys):
     over = TINY + [f"run.output_dir={tmp_path}", "run.name=ddp", "data.synthetic_size=32",
                    "data.batch_size=8", "train.epochs=1", "eval.vis_images=2",
                    "eval.score_thresh=0"]  # an untrained model scores ~0.01 (the prior)
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", "29521", "-m", "mim"]
+    launch, env = two_process_launch(29521)
     r = subprocess.run(launch + ["finetune", *over], capture_output=True, text=True, timeout=300,
                        env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]

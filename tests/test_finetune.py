@@ -1,9 +1,7 @@
 """End-to-end fine-tuning runs of a tiny ViT on the synthetic set (CPU)."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import timm
@@ -17,7 +15,7 @@ from mim.engine.finetune import finetune
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
 from mim.models.classifier import build_classifier
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, two_process_launch
 
 TINY_FT = ["model.arch=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8",
            "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.synthetic=true",
@@ -132,12 +130,9 @@ def test_two_process_cpu_finetune_evaluates_every_sample_once(tmp_path):
     # 75 validation images, 37 per batch: rank 0 scores 38 (2 batches), rank 1 37 (1 batch)
     over = TINY_FT + [f"run.output_dir={tmp_path}", "run.name=ddp", "data.synthetic_size=300",
                       "data.eval_batch_size=37", "train.epochs=2", "model.head_batchnorm=true"]
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                        "--dynamo_backend", "no", "--main_process_port", "29523",
-                        "-m", "mim", "finetune", *over],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    launch, env = two_process_launch(29523)
+    r = subprocess.run(launch + ["finetune", *over], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "devices             2 (cpu)" in r.stdout and "iterations / epoch  9" in r.stdout
     run_dir = tmp_path / "ddp"

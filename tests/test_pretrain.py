@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +15,7 @@ from mim import build_pretrainer, load_config
 from mim.config import RunError
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
-from tests.conftest import REPO
+from tests.conftest import REPO, two_process_launch
 
 
 def test_loss_falls_and_run_dir_layout(tiny):
@@ -208,12 +207,9 @@ def _wandb_log_records(raw: bytes):
 
 def test_two_process_cpu_run(tiny):
     over = tiny("train.epochs=2", "train.save_every=3", "train.keep_last=5", name="ddp")
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                        "--dynamo_backend", "no", "--main_process_port", "29517",
-                        "-m", "mim", "pretrain", *over],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    launch, env = two_process_launch(29517)
+    r = subprocess.run(launch + ["pretrain", *over], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "devices             2 (cpu)" in r.stdout
     run_dir = load_config(None, over).run_dir

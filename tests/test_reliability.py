@@ -16,7 +16,7 @@ from mim.engine import checkpoint as ckpt_mod
 from mim.engine.checkpoint import UnsafeCheckpoint, latest_checkpoint
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
-from tests.conftest import REPO
+from tests.conftest import REPO, two_process_launch
 
 COMMON = ("train.epochs=3", "optim.lr=1e-3", "train.save_every=2", "train.keep_last=2",
           "model.drop_path_rate=0.1")
@@ -206,11 +206,8 @@ def test_dead_process_ends_the_whole_launch(tiny):
 
     over = tiny("train.epochs=50", "data.synthetic_size=256", name="dead")
     run_dir = load_config(None, over).run_dir
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                             "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                             "no", "--dynamo_backend", "no", "--main_process_port", "29519",
-                             "-m", "mim", "pretrain", *over], cwd=REPO, env=env,
+    launch, env = two_process_launch(29519)
+    proc = subprocess.Popen(launch + ["pretrain", *over], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert _wait_for_lines(run_dir / "metrics.jsonl", 2, proc)
@@ -230,11 +227,8 @@ def test_dead_process_ends_the_whole_launch(tiny):
 
 def _launch_two(over, port):
     """A 2-process CPU launch in its own session, so one killpg takes every rank at once."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                             "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                             "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-                             "-m", "mim", "pretrain", *over], cwd=REPO, env=env,
+    launch, env = two_process_launch(port)
+    return subprocess.Popen(launch + ["pretrain", *over], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

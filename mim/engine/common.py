@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate import Accelerator, PartialState
+from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,6 +28,13 @@ from mim.config import ConfigError, RunError, save_config
 from mim.data.loader import sample_seed
 from mim.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mim.engine.tracking import tracker_init_kwargs
+
+
+def process_state() -> PartialState:
+    """This process's place in the launch, usable before any ``Accelerator``. ``PartialState()``
+    alone ignores ``ACCELERATE_USE_CPU``, so in a multi-process CPU launch each process would
+    think it runs alone."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def make_accelerator(cfg: Any) -> Accelerator:
@@ -40,13 +47,16 @@ def make_accelerator(cfg: Any) -> Accelerator:
 
 def run_job(cfg: Any, body: Callable[[Accelerator, Any, Path], Path]) -> Path:
     """The accelerator, the run directory and its lock around one job's ``body(acc, cfg,
-    run_dir)``; tracking ends and the lock is dropped however the body ends."""
+    run_dir)``; tracking ends and the lock is dropped however the body ends. The process group
+    stays up (unlike ``Accelerator.end_training``): ``mim compare`` runs job after job in it, and
+    the CLI tears it down when the command ends."""
     acc = make_accelerator(cfg)
     run_dir = prepare_run_dir(acc, cfg)
     try:
         return body(acc, cfg, run_dir)
     finally:
-        acc.end_training()
+        for tracker in acc.trackers:
+            tracker.finish()
         RunLock.release(run_dir)
 
 

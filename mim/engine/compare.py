@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from accelerate import PartialState
 
 from mim.config import CompareConfig, ConfigError, load_config, save_config
-from mim.engine.common import RunLock, config_diff, write_json
+from mim.engine.common import RunLock, config_diff, process_state, write_json
 from mim.engine.compare_report import CellResult, write_report
 from mim.models.encoder import create_vit
 from mim.models.init import read_init_state, to_timm_keys
@@ -56,7 +55,7 @@ class Cell:
 
 def compare(cmp: CompareConfig) -> Path:
     """Run (or resume) every cell of ``cmp`` and write the report; returns the run directory."""
-    state = PartialState()
+    state = process_state()
     run_dir = cmp.run_dir
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
-
 from mim.config import ConfigError
 from mim.engine.checkpoint import latest_checkpoint, load_checkpoint
+from mim.engine.common import process_state
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
 from mim.models.tokenizer import TOKENIZER_FILE, VQTokenizer, save_tokenizer
@@ -25,7 +24,7 @@ def train_tokenizer(cfg: Any) -> Path:
         raise ConfigError(f"config key 'method.name' must be 'vq_tokenizer' for `mim tokenizer`, "
                           f"got {cfg.method.name!r}")
     run_dir = pretrain(cfg)
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return run_dir
     if not (run_dir / "summary.json").is_file():
         print(f"tokenizer not exported: the run stopped early; resume it to finish ({run_dir})")
