@@ -16,8 +16,8 @@ from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_
 from mim.engine.common import (LoopState, apply_speed_options, build_optimizer, build_scheduler,
                                check_disk_space, count_flops, fmt_count, print_accounting, run_job,
                                save_training_state, write_json)
-from mim.engine.loop import Guards, report_stop, run_epoch, start_loop
 from mim.engine.checkpoint import state_dict_for_save
+from mim.engine.loop import Guards, report_stop, run_epoch, start_loop
 from mim.engine.tracking import MetricsLog
 from mim.models import build_pretrainer
 from mim.models.supervised import num_classes_of
