@@ -27,7 +27,7 @@ from mim.engine.checkpoint import state_dict_for_save
 from mim.engine.common import (build_optimizer, build_scheduler, check_disk_space, count_flops,
                                fmt_count, make_accelerator, print_accounting, run_job,
                                save_training_state, write_json)
-from mim.engine.loop import Guards, report_stop, run_epoch, start_loop
+from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
 from mim.engine.tracking import MetricsLog
 from mim.losses import dense_detection_loss
 from mim.metrics.detection import METRIC_KEYS, CocoDetectionEvaluator, to_coco_results
@@ -87,18 +87,14 @@ def detect(cfg: Any) -> Path:
 
 def _detect(acc, cfg: Any, run_dir: Path) -> Path:
     set_seed(cfg.run.seed)
-    m, d, o, accum = cfg.model, cfg.data, cfg.optim, cfg.train.grad_accum_steps
+    m, d, o = cfg.model, cfg.data, cfg.optim
     size_div = int(m.patch_size / min(m.pyramid_scales))
     data = build_detection_data(cfg, acc.process_index, acc.num_processes, size_div)
     model, init_report = build_detector(cfg, _num_classes(cfg, data.classes))
-    updates_per_epoch = data.train.batches_per_epoch // accum
-    if updates_per_epoch == 0:
-        raise ConfigError(f"{len(data.train.dataset)} training images are fewer than one global "
-                          f"batch ({d.batch_size} x {acc.num_processes} x {accum}); lower "
-                          "'data.batch_size'")
-    total_updates = cfg.train.epochs * updates_per_epoch
-    global_batch = d.batch_size * acc.num_processes * accum
-    lr = o.lr or o.base_lr * global_batch / 256
+    budget = loop_budget(acc, cfg, data.train.batches_per_epoch, len(data.train.dataset),
+                         "lower 'data.batch_size'")
+    updates_per_epoch, total_updates = budget.updates_per_epoch, budget.total_updates
+    global_batch, lr = budget.global_batch, budget.lr
     flops = count_flops(model, torch.zeros(1, m.in_chans, m.img_size, m.img_size))
     if acc.is_main_process:
         check_disk_space(run_dir, model, cfg.train.keep_last)

@@ -25,7 +25,7 @@ from mim.engine.common import (LoopState, build_optimizer, build_scheduler, chec
                                count_flops, fmt_count, print_accounting, run_job,
                                save_training_state)
 from mim.engine.evaluate import BestKeeper, evaluate, log_eval, write_finetune_summary
-from mim.engine.loop import Guards, report_stop, run_epoch, start_loop
+from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
 from mim.engine.tracking import MetricsLog
 from mim.losses import softmax_focal_loss
 from mim.models.classifier import DropoutSchedule, build_classifier
@@ -126,14 +126,10 @@ def _finetune(acc, cfg: Any, run_dir: Path) -> Path:
     for line in init_report.lines():
         acc.print(line)
     d, o, accum = cfg.data, cfg.optim, cfg.train.grad_accum_steps
-    updates_per_epoch = data.train.batches_per_epoch // accum
-    if updates_per_epoch == 0:
-        raise ConfigError(f"{data.train_images} training images are fewer than one global batch "
-                          f"({d.batch_size} x {acc.num_processes} processes x {accum} accumulation)"
-                          "; lower 'data.batch_size' or raise 'data.label_fraction'")
-    total_updates = cfg.train.epochs * updates_per_epoch
-    global_batch = d.batch_size * acc.num_processes * accum
-    lr = o.lr or o.base_lr * global_batch / 256
+    budget = loop_budget(acc, cfg, data.train.batches_per_epoch, data.train_images,
+                         "lower 'data.batch_size' or raise 'data.label_fraction'")
+    updates_per_epoch, total_updates = budget.updates_per_epoch, budget.total_updates
+    global_batch, lr = budget.global_batch, budget.lr
     mixup = build_mixup(cfg, data.num_classes)
     criterion = build_train_loss(cfg, data.num_classes, mixup is not None)
     size = cfg.model.img_size

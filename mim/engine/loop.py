@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from mim.config import ConfigError
 from mim.engine.common import (LoopState, NonFiniteGuard, StopRequest, Throughput, finish_update,
                                record_bad_samples, record_label_issues, resolve_resume,
                                restore_training_state, save_training_state, seed_step,
@@ -41,6 +42,28 @@ class Guards:
         return cls(seen_bad=set(), max_bad=int(fraction * num_images / acc.num_processes),
                    max_bad_fraction=fraction, nonfinite=NonFiniteGuard(cfg.train.max_nonfinite),
                    stop=StopRequest())
+
+
+@dataclass
+class Budget:
+    updates_per_epoch: int
+    total_updates: int
+    global_batch: int
+    lr: float  # optim.lr, else optim.base_lr x global batch / 256
+
+
+def loop_budget(acc, cfg: Any, batches_per_epoch: int, num_images: int, remedy: str) -> Budget:
+    """The run's updates, global batch and learning rate; too few images is a config error
+    (``remedy`` says which key to change)."""
+    d, accum = cfg.data, cfg.train.grad_accum_steps
+    updates = batches_per_epoch // accum
+    if updates == 0:
+        raise ConfigError(f"{num_images} training images are fewer than one global batch "
+                          f"({d.batch_size} x {acc.num_processes} processes x {accum} "
+                          f"accumulation); {remedy}")
+    global_batch = d.batch_size * acc.num_processes * accum
+    return Budget(updates, cfg.train.epochs * updates, global_batch,
+                  cfg.optim.lr or cfg.optim.base_lr * global_batch / 256)
 
 
 def start_loop(acc, cfg: Any, run_dir: Path, model: torch.nn.Module,

@@ -11,13 +11,12 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
-from mim.config import ConfigError
 from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_transform
 from mim.engine.common import (LoopState, apply_speed_options, build_optimizer, build_scheduler,
                                check_disk_space, count_flops, fmt_count, print_accounting, run_job,
                                save_training_state, write_json)
 from mim.engine.checkpoint import state_dict_for_save
-from mim.engine.loop import Guards, report_stop, run_epoch, start_loop
+from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
 from mim.engine.tracking import MetricsLog
 from mim.models import build_pretrainer
 from mim.models.supervised import num_classes_of
@@ -42,14 +41,10 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
         batch_size=d.batch_size, num_workers=d.num_workers, rank=acc.process_index,
         world_size=acc.num_processes, seed=cfg.run.seed, pin_memory=acc.device.type == "cuda")
     accum = cfg.train.grad_accum_steps
-    updates_per_epoch = loader.batches_per_epoch // accum
-    if updates_per_epoch == 0:
-        raise ConfigError(f"the dataset has {len(source)} images, fewer than one global batch "
-                          f"({d.batch_size} x {acc.num_processes} processes x {accum} accumulation)"
-                          "; lower 'data.batch_size' or 'train.grad_accum_steps'")
-    total_updates = cfg.train.epochs * updates_per_epoch
-    global_batch = d.batch_size * acc.num_processes * accum
-    lr = cfg.optim.lr or cfg.optim.base_lr * global_batch / 256
+    budget = loop_budget(acc, cfg, loader.batches_per_epoch, len(source),
+                         "lower 'data.batch_size' or 'train.grad_accum_steps'")
+    updates_per_epoch, total_updates = budget.updates_per_epoch, budget.total_updates
+    global_batch, lr = budget.global_batch, budget.lr
     flops = count_flops(model, torch.zeros(2, cfg.model.in_chans, cfg.model.img_size,
                                            cfg.model.img_size),
                         **({"labels": torch.zeros(2, dtype=torch.long)} if needs_labels else {}))
