@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mim import build_pretrainer, load_config
-from mim.config import RunError
+from mim.config import ConfigError, RunError
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
 from tests.conftest import REPO, two_process_launch
@@ -68,6 +68,12 @@ def test_resume_reproduces_uninterrupted_run(tiny):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
     ea, eb = load_file(full / "encoder.safetensors"), load_file(part / "encoder.safetensors")
     assert all(torch.allclose(ea[k], eb[k], atol=1e-5) for k in ea)
+
+
+def test_resuming_another_model_is_a_config_error(tiny):
+    pretrain(load_config(None, tiny("train.epochs=1", name="arch")))
+    with pytest.raises(ConfigError, match=r"holds another model.*model\.patch_size: 8 -> 16"):
+        pretrain(load_config(None, tiny("train.epochs=2", "model.patch_size=16", name="arch")))
 
 
 def test_encoder_export_loads_in_timm(tiny):

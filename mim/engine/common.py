@@ -353,16 +353,25 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 def restore_training_state(acc: Accelerator, cfg: Any, path: Path, model: torch.nn.Module,
                            optimizer: torch.optim.Optimizer) -> LoopState:
     model_state, train_state = load_checkpoint(path)
-    missing, unexpected = acc.unwrap_model(model).load_state_dict(model_state, strict=False)
-    missing = [k for k in missing if not k.endswith("decoder.pos_embed")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    optimizer.load_state_dict(train_state["optimizer"])
     # The schedule is recomputed from the current config (a pure function of the update index),
     # so a resume that changes train.epochs follows the new schedule; say what changed.
     changed = config_diff(train_state["config"], cfg.to_dict())
     changed = [c for c in changed if not c.startswith(("run.resume", "train.max_steps"))]
+    try:
+        missing, unexpected = acc.unwrap_model(model).load_state_dict(model_state, strict=False)
+    except RuntimeError as e:  # tensor shapes differ
+        missing, unexpected = [str(e).splitlines()[1].strip()], []
+    missing = [k for k in missing if not k.endswith("decoder.pos_embed")]
+    if missing or unexpected:
+        old, new = train_state["config"], cfg.to_dict()
+        arch = [c for part in ("model", "method")
+                for c in config_diff(old.get(part, {}), new.get(part, {}), f"{part}.")
+                if ": None -> " not in c]  # keys the old config did not have yet
+        raise ConfigError(f"{path} holds another model than this config's ("
+                          + ("; ".join(arch[:4]) if arch else
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+                          + f"); give the run a new 'run.name' or delete {cfg.run_dir}")
+    optimizer.load_state_dict(train_state["optimizer"])
     if changed:
         acc.print("note: resuming with a changed config: " + "; ".join(changed))
     if acc.scaler is not None and train_state.get("scaler"):
