@@ -1,8 +1,10 @@
+import pytest
 import timm
 import torch
 
 from mim import build_pretrainer, load_config
 from mim.masking import random_masking
+from mim.models.encoder import MaskedEncoder
 from tests.conftest import TINY
 
 
@@ -90,3 +92,14 @@ def test_flop_count_includes_attention():
                 + 2 * 16 * Dd * (8 * 8 * 3))
     assert flops == expected
     assert all(getattr(m, "fused_attn", True) for m in model.modules())  # restored
+
+
+@pytest.mark.parametrize("kw", [{}, {"reg_tokens": 4}, {"no_embed_class": True},
+                                {"class_token": False, "global_pool": "avg"},
+                                {"reg_tokens": 2, "no_embed_class": True}])
+def test_encoder_is_timm_forward_for_every_prefix_token_layout(kw):
+    """With nothing dropped or masked the encoder computes timm's forward_features exactly."""
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, **kw)
+    encoder = MaskedEncoder(vit.eval())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(vit.forward_features(x), encoder(x), atol=1e-5)

@@ -32,7 +32,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
-from mim.models.encoder import create_vit
+from mim.models.encoder import create_vit, with_prefix_tokens
 from mim.models.init import InitReport, load_encoder_init
 
 
@@ -66,13 +66,7 @@ class ViTFeatureMap(nn.Module):
         pos = vit.pos_embed
         grid_pos = pos[:, 0 if vit.no_embed_class else P:].reshape(1, Gh, Gw, -1)
         x = vit.patch_embed(images) + grid_pos[:, :h, :w].reshape(1, h * w, -1)
-        prefix = [t.expand(B, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
-        if prefix:
-            tokens = torch.cat(prefix, dim=1)
-            if not vit.no_embed_class:
-                tokens = tokens + pos[:, :P]
-            x = torch.cat([tokens, x], dim=1)
-        x = vit.norm_pre(vit.pos_drop(x))
+        x = vit.norm_pre(vit.pos_drop(with_prefix_tokens(vit, x)))
         attn_mask = None
         if mask is not None:
             # a patch with any real pixel is a real token; padded tokens are never attended to

@@ -84,19 +84,25 @@ class MaskedEncoder(nn.Module):
         x = x + (pos if vit.no_embed_class else pos[:, P:])
         if idx_keep is not None:
             x = gather_tokens(x, idx_keep)
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token)
-                  if t is not None]
-        if prefix:
-            prefix_tokens = torch.cat(prefix, dim=1)
-            if not vit.no_embed_class:
-                prefix_tokens = prefix_tokens + pos[:, :P]
-            x = torch.cat([prefix_tokens, x], dim=1)
-        x = vit.norm_pre(vit.pos_drop(x))
+        x = vit.norm_pre(vit.pos_drop(with_prefix_tokens(vit, x)))
         if vit.grad_checkpointing and torch.is_grad_enabled():
             x = timm.models.checkpoint_seq(vit.blocks, x)
         else:
             x = vit.blocks(x)
         return vit.norm(x)
+
+
+def with_prefix_tokens(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Patch tokens ``x`` (B, N, D) behind the class/register tokens, those with their position
+    embedding unless the ViT keeps it off them (``no_embed_class``)."""
+    prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token)
+              if t is not None]
+    if not prefix:
+        return x
+    tokens = torch.cat(prefix, dim=1)
+    if not vit.no_embed_class:
+        tokens = tokens + vit.pos_embed[:, :vit.num_prefix_tokens]
+    return torch.cat([tokens, x], dim=1)
 
 
 def sincos_pos_embed(grid_size: tuple[int, int], dim: int, num_prefix: int) -> torch.Tensor:
