@@ -360,13 +360,12 @@ def restore_training_state(acc: Accelerator, cfg: Any, path: Path, model: torch.
     try:
         missing, unexpected = acc.unwrap_model(model).load_state_dict(model_state, strict=False)
     except RuntimeError as e:  # tensor shapes differ
-        missing, unexpected = [str(e).splitlines()[1].strip()], []
+        missing, unexpected = [str(e).splitlines()[-1].strip()], []
     missing = [k for k in missing if not k.endswith("decoder.pos_embed")]
     if missing or unexpected:
-        old, new = train_state["config"], cfg.to_dict()
-        arch = [c for part in ("model", "method")
-                for c in config_diff(old.get(part, {}), new.get(part, {}), f"{part}.")
-                if ": None -> " not in c]  # keys the old config did not have yet
+        arch = sorted((c for c in changed if c.startswith(("model.", "method."))
+                       and ": None -> " not in c),  # keys the old config did not have yet
+                      key=lambda c: not c.startswith("model."))
         raise ConfigError(f"{path} holds another model than this config's ("
                           + ("; ".join(arch[:4]) if arch else
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -450,9 +449,9 @@ def record_label_issues(acc: Accelerator, run_dir: Path, state: LoopState, issue
     data_issues.jsonl, the way validation's are listed at start-up; the first one is printed."""
     if not issues:
         return
-    if not state.extra.get("label_issues"):
+    if not state.extra.get("warned_label_issues"):
         acc.print(f"warning: {issues[0]} ('{split}' split); all are listed in data_issues.jsonl")
-    state.extra["label_issues"] = state.extra.get("label_issues", 0) + len(issues)
+        state.extra["warned_label_issues"] = True
     with open(run_dir / "data_issues.jsonl", "a") as f:
         f.writelines(json.dumps({"split": split, "issue": issue, "rank": acc.process_index,
                                  "step": state.step}) + "\n" for issue in issues)
