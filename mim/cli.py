@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from mim.checkpoint import UnsafeCheckpoint
 from mim.config import ConfigError, RunError, load_config
-from mim.engine.checkpoint import UnsafeCheckpoint
 
 # command -> (config schema, "module:function" run with the validated config, help)
 CONFIG_COMMANDS = {

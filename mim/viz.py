@@ -14,20 +14,12 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from mim.masking import random_masking
 from mim.patching import patchify, unpatchify
 
 
 def _fixed_masking(model, batch_size: int, device: torch.device, seed: int):
     """The same masks at every call, so grids from different epochs compare like with like."""
-    g = torch.Generator().manual_seed(seed)
-    if hasattr(model, "sample_mask"):  # mask-token methods take a bool mask
-        return model.sample_mask(batch_size, device, generator=g)
-    masking = random_masking(batch_size, model.encoder.num_patches, model.mask_ratio, "cpu",
-                             generator=g)
-    masking.ids_keep, masking.ids_restore, masking.mask = (
-        t.to(device) for t in (masking.ids_keep, masking.ids_restore, masking.mask))
-    return masking
+    return model.sample_mask(batch_size, device, generator=torch.Generator().manual_seed(seed))
 
 
 def _norm(mean, std, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +70,7 @@ def code_map(codes: torch.Tensor, grid_size: tuple[int, int], patch_size: int,
 def token_grid(model, images: torch.Tensor, mean, std, seed: int = 0) -> torch.Tensor:
     """A grid for the tokenizer (3 columns) or BEiT (5 columns); see the module docstring."""
     mean_t, std_t = _norm(mean, std, images)
-    tok = model.tokenizer if hasattr(model, "tokenizer") else model
+    tok = getattr(model, "tokenizer", model)
     enc = tok.encoder
     shape = (enc.patch_size, enc.grid_size, enc.in_chans)
 
@@ -102,12 +94,8 @@ def token_grid(model, images: torch.Tensor, mean, std, seed: int = 0) -> torch.T
 
 
 def pretrain_grid(model, images: torch.Tensor, mean, std, seed: int = 0) -> torch.Tensor | None:
-    """The picture that fits ``model``, or None when it has nothing to show (e.g. MaskFeat)."""
-    if hasattr(model, "codebook_size") or hasattr(model, "tokenizer"):
-        return token_grid(model, images, mean, std, seed)
-    if hasattr(model, "reconstruct"):
-        return reconstruction_grid(model, images, mean, std, seed)
-    return None
+    """The picture that fits ``model`` (its ``picture``), or None when it has nothing to show."""
+    return model.picture(images, mean, std, seed)
 
 
 def save_grid(grid: torch.Tensor, path: Path) -> None:

@@ -16,7 +16,7 @@ from mim.bench.pipeline import (
 )
 from mim.bench.suites import bench_config, run_step_case
 from mim.config import load_config
-from mim.models import build_pretrainer
+from mim.methods import build_pretrainer
 from tests.conftest import TINY
 
 SMALL = [o for o in TINY if not o.startswith(("data.", "tracking."))] + ["data.batch_size=4"]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mim import load_config
-from mim.engine.common import build_optimizer
+from mim.engine.optim import build_optimizer
 from mim.models.classifier import (DropoutSchedule, build_classifier, dropout_scale,
                                    export_classifier)
 from tests.conftest import REPO

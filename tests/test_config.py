@@ -38,6 +38,55 @@ def test_config_errors_name_the_key(override, match):
         load_config(None, ["data.synthetic=true", override])
 
 
+@pytest.mark.parametrize("overrides,match", [
+    (["method.hog_bins=9"], r"'method.hog_bins' is not a key of method.name=mae "
+                            r"\(it belongs to maskfeat\)"),
+    (["method.name=supervised", "method.decoder_dim=8"],
+     r"'method.decoder_dim' is not a key of method.name=supervised \(it belongs to mae, "
+     r"vq_tokenizer\)"),
+    (["method.name=maskfeat", "method.hog_binz=9"],
+     r"unknown config key 'method.hog_binz' \(did you mean 'method.hog_bins'\?\)"),
+])
+def test_a_key_of_another_method_is_an_error(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["data.synthetic=true", *overrides])
+
+
+def test_each_method_has_its_own_section():
+    cfg = load_config(None, ["data.synthetic=true", "method.name=maskfeat", "method.hog_cell=4"])
+    assert type(cfg.method).__name__ == "MaskFeatConfig" and cfg.method.hog_cell == 4
+    assert cfg.to_dict()["method"]["name"] == "maskfeat"
+    assert "decoder_dim" not in cfg.to_dict()["method"]
+    again = load_config(None, [f"{k}={v}" for k, v in _flat(cfg.to_dict())])
+    assert again.method == cfg.method
+
+
+def test_a_saved_flat_method_section_of_an_earlier_version_loads(tmp_path):
+    """Run directories written before the per-method sections hold every method's keys."""
+    old = {"name": "simmim", "mask_ratio": 0.6, "norm_pix_loss": False, "decoder_dim": 512,
+           "decoder_depth": 8, "decoder_heads": 16, "mask_type": "random",
+           "block_min_patches": 16, "block_max_patches": 0, "block_aspect": [0.3, 3.33],
+           "hog_bins": 9, "hog_cell": 8, "tokenizer": "", "codebook_size": 8192, "code_dim": 32,
+           "code_entropy_weight": 0.1, "num_classes": 0}
+    f = tmp_path / "config.yaml"
+    f.write_text(yaml.safe_dump({"method": old, "data": {"synthetic": True}}))
+    cfg = load_config(f)
+    assert type(cfg.method).__name__ == "SimMIMConfig"
+    assert (cfg.method.mask_ratio, cfg.method.norm_pix_loss) == (0.6, False)
+
+
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flat(v, f"{prefix}{k}.")
+        elif isinstance(v, list):
+            out.append((f"{prefix}{k}", "[" + ",".join(str(x) for x in v) + "]"))
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
 def test_missing_data_path_is_an_error():
     with pytest.raises(ConfigError, match=r"'data.path': no such file or folder"):
         load_config(None, ["data.path=/nonexistent/images"])
@@ -58,8 +107,8 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
 
 def _tiny_tokenizer(tmp_path, img_size: int, patch_size: int):
     """A small untrained BEiT tokenizer file for the given image and patch size."""
-    from mim.models import build_pretrainer
-    from mim.models.tokenizer import save_tokenizer
+    from mim.methods import build_pretrainer
+    from mim.methods.vq_tokenizer import save_tokenizer
 
     cfg = load_config(None, ["data.synthetic=true", "method.name=vq_tokenizer",
                              f"model.img_size={img_size}", f"model.patch_size={patch_size}",

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from mim.config import load_config
-from mim.engine.common import build_optimizer
+from mim.engine.optim import build_optimizer
 from mim.models.detector import DenseDetector, SimpleFeaturePyramid, build_detector
 
 TINY = ["model.arch=vit_tiny_patch16_224", "model.img_size=64", "model.patch_size=8",

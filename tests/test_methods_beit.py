@@ -14,8 +14,8 @@ from mim.cli import main
 from mim.config import ConfigError, load_config
 from mim.data import eval_transform
 from mim.data.synthetic import SyntheticShapes
-from mim.models import build_pretrainer
-from mim.models.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
+from mim.methods import build_pretrainer
+from mim.methods.vq_tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 
 TINY = ["model.arch=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8",
         "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "data.synthetic=true",

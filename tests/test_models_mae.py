@@ -79,7 +79,7 @@ def test_any_timm_vit_size():
 
 
 def test_flop_count_includes_attention():
-    from mim.engine.common import count_flops
+    from mim.engine.accounting import count_flops
 
     cfg = _cfg("method.mask_ratio=0.75")
     model = build_pretrainer(cfg)

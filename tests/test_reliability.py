@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from mim import load_config
+from mim.checkpoint import UnsafeCheckpoint, latest_checkpoint
 from mim.config import ConfigError, RunError
 from mim.engine import checkpoint as ckpt_mod
-from mim.engine.checkpoint import UnsafeCheckpoint, latest_checkpoint
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
 from tests.conftest import REPO, two_process_launch
@@ -120,7 +120,7 @@ def test_crash_during_checkpoint_write_keeps_previous(tiny, monkeypatch):
 
 
 def _nan_after(monkeypatch, bad_calls):
-    from mim.models.mae import MAE
+    from mim.methods.mae import MAE
 
     real = MAE.forward
     calls = {"n": 0}
@@ -180,7 +180,7 @@ def test_live_run_directory_is_locked(tiny, tmp_path):
     run_dir = load_config(None, over).run_dir
     run_dir.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from mim.engine.common import RunLock; "
+        "import sys, time; from pathlib import Path; from mim.engine.run import RunLock; "
         f"RunLock.acquire(Path({str(run_dir)!r})); print('locked', flush=True); time.sleep(60)")],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -354,7 +354,7 @@ def test_resume_cuts_the_log_back_to_what_the_checkpoint_saw(tmp_path):
     must be dropped with the lines after it, not kept by its step number."""
     import json
 
-    from mim.engine.common import LoopState
+    from mim.engine.state import LoopState
     from mim.engine.tracking import MetricsLog
 
     log = tmp_path / "metrics.jsonl"

@@ -12,8 +12,9 @@ from mim.data.loader import build_epoch_loader
 from mim.data.sources import decode_image, min_decode_size
 from mim.data.synthetic import SyntheticShapes
 from mim.data.transforms import pretrain_transform
-from mim.engine.common import apply_speed_options, build_optimizer, step_if_finite
-from mim.models import build_pretrainer
+from mim.engine.loop import step_if_finite
+from mim.engine.optim import apply_speed_options, build_optimizer
+from mim.methods import build_pretrainer
 from tests.conftest import TINY
 
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         say,
         targets_table,
     )
-    from mim.config import ConfigError
+    from mim.errors import ConfigError
 
     args = _parser().parse_args(argv)
     device = torch.device("cpu" if args.suite == "cpu" else args.device)

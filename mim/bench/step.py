@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mim.engine.common import apply_speed_options, build_optimizer, is_finite, step_if_finite
-from mim.models import build_pretrainer
+from mim.engine.loop import is_finite, step_if_finite
+from mim.engine.optim import apply_speed_options, build_optimizer
+from mim.methods import build_pretrainer
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -369,7 +369,7 @@ def _optimizer_part(report, targets, raw, best_mim_cfg, device, quick, workdir, 
     say(f"== optimizer step ({time.perf_counter() - start:.0f} s)")
     from timm.optim import create_optimizer_v2
 
-    from mim.models import build_pretrainer
+    from mim.methods import build_pretrainer
 
     cfg = best_mim_cfg[0]
     calls, n_params = {}, 0

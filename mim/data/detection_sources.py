@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mim.config import ConfigError
+from mim.errors import ConfigError
 from mim.data.sources import (IMAGE_EXTS, UnreadableImage, _find_image_column, _pick_split,
                               decode_image, load_local, to_rgb)
 from mim.data.synthetic import CLASSES as SHAPE_CLASSES

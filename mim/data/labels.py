@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mim.config import ConfigError
 from mim.data.loader import sample_seed
+from mim.errors import ConfigError
 
 
 def source_labels(source: Any) -> list[int]:
@@ -61,3 +61,22 @@ class SubsetSource:
 
     def load(self, index: int) -> tuple[Image.Image, int | None, str]:
         return self.source.load(self.indices[index])
+
+
+def num_classes_of(source: Any, configured: int = 0) -> int:
+    """The class count for supervised pretraining: ``configured`` or 1 + the largest label; a clear
+    error when the data has no labels (an image folder without classes, a dataset without a
+    label column)."""
+    try:
+        labels = source_labels(source)
+    except ConfigError as e:
+        raise ConfigError(f"method.name=supervised needs labels: {e}") from None
+    if not labels or min(labels) < 0:
+        raise ConfigError("method.name=supervised needs labels, and the training data has none "
+                          "(or negative ones); point 'data' at a labeled set (or set "
+                          "'data.label_column')")
+    n = configured or len(getattr(source, "classes", None) or []) or max(labels) + 1
+    if max(labels) >= n:
+        raise ConfigError(f"the training labels span [0, {max(labels)}] but "
+                          f"'method.num_classes' is {n}")
+    return n

@@ -14,8 +14,9 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from mim.config import ConfigError, DataConfig
+from mim.data.config import DataConfig
 from mim.data.synthetic import SyntheticShapes
+from mim.errors import ConfigError
 
 _EXIF_ORIENTATION = 0x0112
 

@@ -29,8 +29,9 @@ from typing import Any
 import yaml
 
 from mim.config import CompareConfig, ConfigError, load_config, save_config
-from mim.engine.common import RunLock, config_diff, process_state, write_json
 from mim.engine.compare_report import CellResult, write_report
+from mim.engine.run import RunLock, process_state, write_json
+from mim.engine.state import config_diff
 from mim.models.encoder import create_vit
 from mim.models.init import read_init_state, to_timm_keys
 

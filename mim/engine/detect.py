@@ -19,15 +19,16 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 
+from mim.checkpoint import state_dict_for_save
 from mim.config import ConfigError, load_config
 from mim.data.detection import build_detection_loader, detection_transform, pad_collate
 from mim.data.detection_sources import build_detection_source, coco_ground_truth
 from mim.data.loader import EpochLoader
-from mim.engine.checkpoint import state_dict_for_save
-from mim.engine.common import (build_optimizer, build_scheduler, check_disk_space, count_flops,
-                               fmt_count, make_accelerator, print_accounting, run_job,
-                               save_training_state, write_json)
+from mim.engine.accounting import count_flops, fmt_count, print_accounting
 from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
+from mim.engine.optim import build_optimizer, build_scheduler
+from mim.engine.run import check_disk_space, make_accelerator, run_job, write_json
+from mim.engine.state import save_training_state
 from mim.engine.tracking import MetricsLog
 from mim.losses import dense_detection_loss
 from mim.metrics.detection import METRIC_KEYS, CocoDetectionEvaluator, to_coco_results

@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mim.checkpoint import state_dict_for_save
 from mim.config import ConfigError, load_config
 from mim.data import build_epoch_loader, build_source, eval_transform
-from mim.engine.checkpoint import state_dict_for_save
-from mim.engine.common import LoopState, make_accelerator, write_json
+from mim.engine.run import make_accelerator, write_json
+from mim.engine.state import LoopState
 from mim.engine.tracking import MetricsLog
 from mim.metrics import ClassificationEvaluator, save_confusion_matrix
 from mim.models.classifier import build_classifier, export_classifier

@@ -17,16 +17,17 @@ from accelerate.utils import set_seed
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from mim.config import ConfigError
 from mim.data import EpochLoader, build_epoch_loader, build_source, eval_transform
 from mim.data.labels import SubsetSource, class_names, source_labels, stratified_subset
 from mim.data.transforms import finetune_transform
-from mim.engine.common import (LoopState, build_optimizer, build_scheduler, check_disk_space,
-                               count_flops, fmt_count, print_accounting, run_job,
-                               save_training_state)
+from mim.engine.accounting import count_flops, fmt_count, print_accounting
 from mim.engine.evaluate import BestKeeper, evaluate, log_eval, write_finetune_summary
 from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
+from mim.engine.optim import build_optimizer, build_scheduler
+from mim.engine.run import check_disk_space, run_job
+from mim.engine.state import LoopState, save_training_state
 from mim.engine.tracking import MetricsLog
+from mim.errors import ConfigError
 from mim.losses import softmax_focal_loss
 from mim.models.classifier import DropoutSchedule, build_classifier
 

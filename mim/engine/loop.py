@@ -1,26 +1,33 @@
 """The training loop every job shares: pretraining, fine-tuning and detection.
 
 A job hands :func:`run_epoch` its forward pass on one micro-batch; the loop around it (stop
-checks, the schedule, gradient accumulation, the update and its guards, logging, periodic
-checkpoints) is written once, here, so the whole training step reads on one screen.
+checks, the schedule, gradient accumulation, the update with its clipping and non-finite guard,
+logging, periodic checkpoints) is written once, here, so one training step reads in one file.
 """
 
 from __future__ import annotations
 
+import random
+import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from mim.config import ConfigError
-from mim.engine.common import (LoopState, NonFiniteGuard, StopRequest, Throughput, finish_update,
-                               record_bad_samples, record_label_issues, resolve_resume,
-                               restore_training_state, save_training_state, seed_step,
-                               start_tracking)
+from mim.config import JobConfig
+from mim.data.loader import sample_seed
+from mim.engine.accounting import Throughput
+from mim.engine.data_issues import record_bad_samples, record_label_issues
+from mim.engine.run import start_tracking
+from mim.engine.state import (LoopState, resolve_resume, restore_training_state,
+                              save_training_state)
 from mim.engine.tracking import MetricsLog
+from mim.errors import ConfigError, RunError
 
 # batch -> (loss, scalars logged beside it, number of images); the job's autocast scope is its own
 MicroForward = Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
@@ -37,7 +44,7 @@ class Guards:
     stop: StopRequest
 
     @classmethod
-    def for_run(cls, acc, cfg: Any, num_images: int) -> Guards:
+    def for_run(cls, acc, cfg: JobConfig, num_images: int) -> Guards:
         fraction = cfg.data.max_bad_fraction
         return cls(seen_bad=set(), max_bad=int(fraction * num_images / acc.num_processes),
                    max_bad_fraction=fraction, nonfinite=NonFiniteGuard(cfg.train.max_nonfinite),
@@ -52,7 +59,7 @@ class Budget:
     lr: float  # optim.lr, else optim.base_lr x global batch / 256
 
 
-def loop_budget(acc, cfg: Any, batches_per_epoch: int, num_images: int, remedy: str) -> Budget:
+def loop_budget(acc, cfg: JobConfig, batches_per_epoch: int, num_images: int, remedy: str) -> Budget:
     """The run's updates, global batch and learning rate; too few images is a config error
     (``remedy`` says which key to change)."""
     d, accum = cfg.data, cfg.train.grad_accum_steps
@@ -66,7 +73,7 @@ def loop_budget(acc, cfg: Any, batches_per_epoch: int, num_images: int, remedy: 
                   cfg.optim.lr or cfg.optim.base_lr * global_batch / 256)
 
 
-def start_loop(acc, cfg: Any, run_dir: Path, model: torch.nn.Module,
+def start_loop(acc, cfg: JobConfig, run_dir: Path, model: torch.nn.Module,
                optimizer: torch.optim.Optimizer) -> tuple[Any, Any, LoopState, MetricsLog, bool]:
     """Prepare model and optimizer, resume from ``run.resume`` if asked, start tracking.
 
@@ -83,7 +90,7 @@ def start_loop(acc, cfg: Any, run_dir: Path, model: torch.nn.Module,
     return model, optimizer, state, metrics, resume_from is not None
 
 
-def run_epoch(acc, cfg: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def run_epoch(acc, cfg: JobConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               scheduler: Any, loader: Any, state: LoopState, metrics: MetricsLog, run_dir: Path,
               meta: dict, guards: Guards, forward: MicroForward,
               log_extra: dict[str, Any] | None = None) -> str | None:
@@ -157,3 +164,118 @@ def report_stop(acc, stopped: str | None, state: LoopState, guards: Guards) -> N
         raise SystemExit(143)
     if stopped:
         acc.print(f"stopped at update {state.step} (train.max_steps); resume with run.resume=auto")
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+class StopRequest:
+    """SIGTERM (how clusters preempt) and SIGINT become a flag checked between updates; every
+    process agrees on the flag, saves a checkpoint and exits (status 143) before the grace period."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def agreed(self, acc: Accelerator) -> bool:
+        flag = float(self.signum is not None)
+        if acc.num_processes > 1:
+            flag = acc.reduce(torch.tensor(flag, device=acc.device), reduction="sum").item()
+        return flag > 0
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class NonFiniteGuard:
+    """Counts non-finite updates; too many in a row stop the run, leaving the last checkpoint
+    (written before the divergence) as the one to resume from."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_row, self.total = limit, 0, 0
+
+    def update(self, finite: bool, step: int) -> None:
+        if finite:
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.limit:
+            raise RunError(f"{self.in_row} non-finite updates in a row (last at update {step}); "
+                           "stopped. Resume from the last checkpoint with a lower lr, "
+                           "optim.clip_grad.mode=norm or train.mixed_precision=bf16")
+
+
+def seed_step(seed: int, rank: int, micro_step: int) -> None:
+    """Reseed every RNG a step draws from (masks, drop path, timm's numpy-drawn mixup) as a pure
+    function of its position, so a resumed run repeats the uninterrupted one exactly."""
+    s = sample_seed(seed, rank, micro_step, 0xC0DE)
+    torch.manual_seed(s)
+    np.random.seed(s & 0xFFFFFFFF)
+    random.seed(s)
+
+
+def finish_update(acc: Accelerator, cfg: JobConfig, optimizer: torch.optim.Optimizer,
+                  params: list[torch.nn.Parameter], loss: torch.Tensor, state: LoopState,
+                  nonfinite: NonFiniteGuard, global_batch: int) -> tuple[bool, torch.Tensor]:
+    """The end of every engine's update, after the backward passes: clip; step unless the
+    gradient is non-finite (under fp16 the loss scaler skips and rescales itself); count a
+    non-finite update; zero the gradients; advance ``state``. Returns whether the update's loss
+    and gradient were both finite (so its loss counts in the logged average) and the pre-clip
+    gradient norm."""
+    grad_norm = clip_gradients(acc, params, cfg.optim.clip_grad)
+    # grad_norm is the same on every process (after the all-reduce): it decides the step everywhere
+    finite, loss_ok = torch.isfinite(torch.stack([grad_norm.detach().float().reshape(()),
+                                                  loss.detach().float().reshape(())])).tolist()
+    if finite or acc.scaler is not None:
+        optimizer.step()
+    if not finite:
+        acc.print(f"warning: non-finite loss or gradient at update {state.step}; skipped")
+    nonfinite.update(finite, state.step)
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.update_in_epoch += 1
+    state.images_seen += global_batch
+    return finite and loss_ok, grad_norm
+
+
+def clip_gradients(acc: Accelerator, params: list[torch.nn.Parameter], clip: Any) -> torch.Tensor:
+    """Clip after backward, before the step; returns the global L2 norm *before* clipping.
+
+    Gradients are unscaled exactly once (accelerate's clip_grad_norm_), which is what makes this
+    safe under fp16 loss scaling.
+    """
+    if clip.mode == "norm":
+        return acc.clip_grad_norm_(params, clip.max_norm)
+    norm = acc.clip_grad_norm_(params, float("inf"))
+    if clip.mode == "value":
+        torch.nn.utils.clip_grad_value_(params, clip.value)
+    return norm
+
+
+def is_finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all().item())
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
+    """``optimizer.step()`` unless ``grad_norm`` is inf/nan; returns 1 if skipped, else 0, as a
+    tensor on the gradients' device.
+
+    A fused torch optimizer takes the decision on the device (its ``found_inf`` input, the one
+    ``GradScaler`` uses, also undoes the step count), so the step needs no host synchronisation;
+    others (and fp16, whose GradScaler owns that input) read the flag on the host."""
+    nonfinite = (~torch.isfinite(grad_norm)).to(torch.float32).reshape(())
+    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    if inner.defaults.get("fused") and getattr(optimizer, "scaler", None) is None:
+        inner.found_inf = nonfinite
+        try:
+            optimizer.step()
+        finally:
+            inner.__dict__.pop("found_inf", None)
+    elif not nonfinite.item():
+        optimizer.step()
+    return nonfinite

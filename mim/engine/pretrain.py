@@ -11,15 +11,16 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
+from mim.checkpoint import state_dict_for_save
 from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_transform
-from mim.engine.common import (LoopState, apply_speed_options, build_optimizer, build_scheduler,
-                               check_disk_space, count_flops, fmt_count, print_accounting, run_job,
-                               save_training_state, write_json)
-from mim.engine.checkpoint import state_dict_for_save
+from mim.data.labels import num_classes_of
+from mim.engine.accounting import count_flops, fmt_count, print_accounting
 from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
+from mim.engine.optim import apply_speed_options, build_optimizer, build_scheduler
+from mim.engine.run import check_disk_space, run_job, write_json
+from mim.engine.state import LoopState, save_training_state
 from mim.engine.tracking import MetricsLog
-from mim.models import build_pretrainer
-from mim.models.supervised import num_classes_of
+from mim.methods import build_pretrainer
 from mim.viz import pretrain_grid, save_grid
 
 
@@ -34,7 +35,7 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
         cfg.method.num_classes = num_classes_of(source, cfg.method.num_classes)
     set_seed(cfg.run.seed)
     model = build_pretrainer(cfg)
-    needs_labels = getattr(model, "needs_labels", False)  # forward(images, labels=...)
+    needs_labels = model.needs_labels  # forward(images, labels=...)
     d = cfg.data
     loader = build_epoch_loader(
         source, pretrain_transform(cfg.model.img_size, d.crop_scale, d.mean, d.std),

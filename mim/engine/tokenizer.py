@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mim.config import ConfigError
-from mim.engine.checkpoint import latest_checkpoint, load_checkpoint
-from mim.engine.common import process_state
+from mim.checkpoint import latest_checkpoint, load_checkpoint
 from mim.engine.pretrain import pretrain
+from mim.engine.run import process_state
 from mim.engine.tracking import read_metrics
-from mim.models.tokenizer import TOKENIZER_FILE, VQTokenizer, save_tokenizer
+from mim.errors import ConfigError
+from mim.methods.vq_tokenizer import TOKENIZER_FILE, VQTokenizer, save_tokenizer
 
 
 def train_tokenizer(cfg: Any) -> Path:

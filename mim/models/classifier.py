@@ -25,7 +25,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from mim.config import ConfigError
+from mim.errors import ConfigError
 from mim.models.encoder import create_vit
 from mim.models.init import InitReport, load_encoder_init
 

@@ -9,14 +9,34 @@ The wrapped ``vit`` keeps timm's parameter names, so ``encoder.vit.state_dict()`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import timm
 import torch
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from mim.config import ConfigError, ModelConfig
+from mim.errors import ConfigError
 from mim.masking import gather_tokens
+
+
+@dataclass
+class ModelConfig:
+    """The ``model:`` section: which timm ViT the encoder is."""
+
+    arch: str = "vit_base_patch16_224"  # any timm VisionTransformer name
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    # 0 keeps the arch's own value; set them to build tiny models for tests and demos.
+    embed_dim: int = 0
+    depth: int = 0
+    num_heads: int = 0
+    drop_path_rate: float = 0.0
+    pos_embed: Literal["sincos", "learned"] = "sincos"  # MAE fixes a 2-D sin-cos table
+    init_values: float = 0.0  # layer scale (BEiT uses 0.1); 0 = off
 
 
 class MaskedEncoder(nn.Module):

@@ -34,8 +34,8 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from mim.config import ConfigError
-from mim.engine.checkpoint import latest_checkpoint
+from mim.checkpoint import latest_checkpoint
+from mim.errors import ConfigError
 
 StateDict = dict[str, torch.Tensor]
 

@@ -1,6 +1,6 @@
 """BEiT (Bao et al. 2021, arXiv 2106.08254): predict the visual tokens of the masked patches.
 
-A frozen tokenizer (:mod:`mim.models.tokenizer`) turns each patch of the uncorrupted image into
+A frozen tokenizer (:mod:`mim.methods.vq_tokenizer`) turns each patch of the uncorrupted image into
 a code id; the encoder sees the image with the masked patches replaced by the mask token, and
 a linear head over its patch tokens is trained with cross-entropy to give the code of every
 masked patch. The logits are computed for the masked positions only (a codebook of 8192 codes
@@ -9,17 +9,44 @@ makes full-sequence logits costly).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mim.errors import ConfigError
 from mim.masking import gather_tokens, masked_indices
-from mim.models.encoder import MaskedEncoder, create_encoder
-from mim.models.mae import PretrainOutput
-from mim.models.masked_prediction import MaskedPredictionModel, init_head, masking_kwargs
-from mim.models.tokenizer import VQTokenizer, load_tokenizer
+from mim.methods.base import PretrainOutput, require
+from mim.methods.masked_prediction import (MaskConfig, MaskedPredictionModel, init_head,
+                                           masking_kwargs)
+from mim.methods.vq_tokenizer import VQTokenizer, load_tokenizer, read_tokenizer_meta
+from mim.models.encoder import MaskedEncoder, ModelConfig, create_encoder
+from mim.viz import token_grid
+
+
+@dataclass
+class BEiTConfig(MaskConfig):
+    name: str = "beit"
+    tokenizer: str = ""  # a `mim tokenizer` run directory or its tokenizer.safetensors
+
+    def check(self, model: ModelConfig) -> None:
+        super().check(model)
+        require(bool(self.tokenizer), "config key 'method.tokenizer' must name a tokenizer "
+                                      "(train one with `mim tokenizer --config ...`)")
+        try:
+            meta = read_tokenizer_meta(self.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key 'method.tokenizer': {e}") from None
+        tm = meta["model"]
+        require((tm["img_size"], tm["patch_size"]) == (model.img_size, model.patch_size),
+                f"config key 'method.tokenizer': the tokenizer works on {tm['img_size']} px "
+                f"images with {tm['patch_size']} px patches, the model on {model.img_size} / "
+                f"{model.patch_size}")
+        require(tm["in_chans"] == model.in_chans,
+                f"config key 'method.tokenizer': the tokenizer takes {tm['in_chans']} channels, "
+                f"the model {model.in_chans}")
 
 
 class BEiT(MaskedPredictionModel):
@@ -53,6 +80,10 @@ class BEiT(MaskedPredictionModel):
         super().train(mode)
         self.tokenizer.eval()  # frozen: never in training mode
         return self
+
+    def picture(self, images: torch.Tensor, mean: Any, std: Any,
+                seed: int = 0) -> torch.Tensor | None:
+        return token_grid(self, images, mean, std, seed)
 
     @torch.no_grad()
     def tokens_of(self, images: torch.Tensor) -> torch.Tensor:

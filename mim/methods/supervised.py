@@ -9,6 +9,7 @@ classifier's ``global_pool=avg``; the head is dropped at export like any pretrai
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,13 +17,21 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from mim.config import ConfigError
-from mim.data.labels import source_labels
-from mim.models.encoder import MaskedEncoder, create_encoder
-from mim.models.mae import PretrainOutput
+from mim.errors import ConfigError
+from mim.methods.base import MethodConfig, PretrainOutput, Pretrainer, require
+from mim.models.encoder import MaskedEncoder, ModelConfig, create_encoder
 
 
-class SupervisedPretrainer(nn.Module):
+@dataclass
+class SupervisedConfig(MethodConfig):
+    name: str = "supervised"
+    num_classes: int = 0  # classes of the labeled source; 0 = from its labels
+
+    def check(self, model: ModelConfig) -> None:
+        require(self.num_classes >= 0, "config key 'method.num_classes' must be >= 0")
+
+
+class SupervisedPretrainer(Pretrainer):
     needs_labels = True  # the pretraining engine passes ``labels=`` to forward
 
     def __init__(self, encoder: MaskedEncoder, num_classes: int) -> None:
@@ -42,9 +51,6 @@ class SupervisedPretrainer(nn.Module):
                               "engine sets it from the data's labels")
         return cls(create_encoder(cfg.model), cfg.method.num_classes)
 
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> PretrainOutput:
         """images (B, C, H, W), labels (B,) -> loss, pred = logits (B, K), mask all False (B, L)."""
         tokens = self.encoder(images)  # (B, prefix + L, D), normalised
@@ -55,22 +61,3 @@ class SupervisedPretrainer(nn.Module):
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return PretrainOutput(loss=loss, pred=logits, mask=mask, target=labels,
                               metrics={"train_top1": accuracy})
-
-
-def num_classes_of(source: Any, configured: int = 0) -> int:
-    """The class count for supervised pretraining: ``configured`` or 1 + the largest label; a clear
-    error when the data has no labels (an image folder without classes, a dataset without a
-    label column)."""
-    try:
-        labels = source_labels(source)
-    except ConfigError as e:
-        raise ConfigError(f"method.name=supervised needs labels: {e}") from None
-    if not labels or min(labels) < 0:
-        raise ConfigError("method.name=supervised needs labels, and the training data has none "
-                          "(or negative ones); point 'data' at a labeled set (or set "
-                          "'data.label_column')")
-    n = configured or len(getattr(source, "classes", None) or []) or max(labels) + 1
-    if max(labels) >= n:
-        raise ConfigError(f"the training labels span [0, {max(labels)}] but "
-                          f"'method.num_classes' is {n}")
-    return n

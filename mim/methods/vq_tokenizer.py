@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,10 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mim.config import ModelConfig
 from mim.losses import pixel_targets
-from mim.models.encoder import MaskedEncoder, create_encoder, sincos_pos_embed
-from mim.models.mae import PretrainOutput
+from mim.methods.base import MethodConfig, PretrainOutput, Pretrainer, require
+from mim.models.encoder import MaskedEncoder, ModelConfig, create_encoder, sincos_pos_embed
+from mim.viz import token_grid
 
 TOKENIZER_FILE = "tokenizer.safetensors"
 FORMAT = "mim.vq_tokenizer/1"
@@ -108,7 +109,28 @@ class CodeDecoder(nn.Module):
         return self.pred(self.norm(self.blocks(x)))
 
 
-class VQTokenizer(nn.Module):
+@dataclass
+class VQTokenizerConfig(MethodConfig):
+    name: str = "vq_tokenizer"
+    codebook_size: int = 8192  # number of codes (beit takes it from its tokenizer)
+    code_dim: int = 32  # codes are unit vectors of this size
+    code_entropy_weight: float = 0.1  # weight of the codebook-usage entropy loss
+    decoder_dim: int = 512  # the pixel decoder
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+
+    def check(self, model: ModelConfig) -> None:
+        require(self.codebook_size >= 2, "config key 'method.codebook_size' must be >= 2")
+        require(self.code_dim >= 1, "config key 'method.code_dim' must be >= 1")
+        require(self.code_entropy_weight >= 0,
+                "config key 'method.code_entropy_weight' must be >= 0")
+        require(self.decoder_depth >= 1, "config key 'method.decoder_depth' must be >= 1")
+        require(self.decoder_heads >= 1 and self.decoder_dim % self.decoder_heads == 0,
+                f"config key 'method.decoder_dim' ({self.decoder_dim}) must be a multiple of "
+                f"'method.decoder_heads' ({self.decoder_heads})")
+
+
+class VQTokenizer(Pretrainer):
     def __init__(self, encoder: MaskedEncoder, codebook_size: int = 8192, code_dim: int = 32,
                  decoder_dim: int = 256, decoder_depth: int = 2, decoder_heads: int = 8,
                  code_entropy_weight: float = 0.0) -> None:
@@ -136,7 +158,11 @@ class VQTokenizer(nn.Module):
         return self.quantizer.num_codes
 
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"quantizer.codebook"}
+        return super().no_weight_decay() | {"quantizer.codebook"}
+
+    def picture(self, images: torch.Tensor, mean: Any, std: Any,
+                seed: int = 0) -> torch.Tensor | None:
+        return token_grid(self, images, mean, std, seed)
 
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder(images)[:, self.encoder.num_prefix_tokens:]

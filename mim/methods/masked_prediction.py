@@ -6,24 +6,57 @@ visual tokens); the masking, the encoder call and the head placement live here o
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from mim.masking import BlockwiseMaskGenerator, num_masked_patches, random_masking
-from mim.models.encoder import MaskedEncoder
+from mim.masking import (BlockwiseMaskGenerator, block_shapes, num_masked_patches,
+                         random_masking)
+from mim.methods.base import MethodConfig, Pretrainer, check_mask_ratio, require
+from mim.models.encoder import MaskedEncoder, ModelConfig
 
 
-def masking_kwargs(method: Any) -> dict[str, Any]:
-    """The masking arguments of :class:`MaskedPredictionModel` from a ``MethodConfig``."""
+@dataclass
+class MaskConfig(MethodConfig):
+    """The keys of every mask-token method: which patches the mask token replaces."""
+
+    mask_ratio: float = 0.75
+    mask_type: Literal["random", "block"] = "random"
+    block_min_patches: int = 16  # smallest block, in patches (BEiT: 16)
+    block_max_patches: int = 0  # largest block; 0 = up to the number of patches to mask
+    block_aspect: tuple[float, float] = (0.3, 1 / 0.3)  # height / width range
+
+    def check(self, model: ModelConfig) -> None:
+        check_mask_ratio(self.mask_ratio)
+        if self.mask_type != "block":
+            return
+        grid = (model.img_size // model.patch_size,) * 2
+        require(self.block_min_patches >= 1, "config key 'method.block_min_patches' must be >= 1")
+        require(self.block_max_patches == 0 or self.block_max_patches >= self.block_min_patches,
+                "config key 'method.block_max_patches' must be 0 or >= "
+                "'method.block_min_patches'")
+        lo, hi = self.block_aspect
+        require(0 < lo <= hi, f"config key 'method.block_aspect' must satisfy 0 < lo <= hi, "
+                              f"got {self.block_aspect}")
+        n = num_masked_patches(grid[0] * grid[1], self.mask_ratio)
+        largest = self.block_max_patches or n
+        require(bool(block_shapes(grid, self.block_min_patches, largest, self.block_aspect)),
+                f"config key 'method.block_min_patches': no block of {self.block_min_patches}.."
+                f"{largest} patches with aspect in {tuple(self.block_aspect)} fits the "
+                f"{grid[0]}x{grid[1]} patch grid")
+
+
+def masking_kwargs(method: MaskConfig) -> dict[str, Any]:
+    """The masking arguments of :class:`MaskedPredictionModel` from a :class:`MaskConfig`."""
     return {"mask_ratio": method.mask_ratio, "mask_type": method.mask_type,
             "block_min_patches": method.block_min_patches,
             "block_max_patches": method.block_max_patches,
             "block_aspect": tuple(method.block_aspect)}
 
 
-class MaskedPredictionModel(nn.Module):
+class MaskedPredictionModel(Pretrainer):
     """Base of the mask-token methods: subclasses add a head and a target in ``forward``.
 
     Every sample gets exactly ``num_masked`` masked patches, from uniform random masking (on
@@ -61,9 +94,6 @@ class MaskedPredictionModel(nn.Module):
         """Patch tokens (B, L, D) of the encoder run with the masked patches replaced."""
         tokens = self.encoder(images, mask=mask)
         return tokens[:, self.encoder.num_prefix_tokens:]
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
 
 def init_head(head: nn.Linear) -> nn.Linear:

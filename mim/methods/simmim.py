@@ -7,15 +7,24 @@ loss is L1 over the masked patches' pixels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from mim.losses import denormalize_patch_pixels, masked_l1_loss, pixel_targets
+from mim.methods.base import PretrainOutput
+from mim.methods.masked_prediction import (MaskConfig, MaskedPredictionModel, init_head,
+                                           masking_kwargs)
 from mim.models.encoder import MaskedEncoder, create_encoder
-from mim.models.mae import PretrainOutput
-from mim.models.masked_prediction import MaskedPredictionModel, init_head, masking_kwargs
+from mim.viz import reconstruction_grid
+
+
+@dataclass
+class SimMIMConfig(MaskConfig):
+    name: str = "simmim"
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets
 
 
 class SimMIM(MaskedPredictionModel):
@@ -37,6 +46,10 @@ class SimMIM(MaskedPredictionModel):
         target = pixel_targets(images, self.encoder.patch_size, self.norm_pix_loss)
         loss = masked_l1_loss(pred, target, mask)
         return PretrainOutput(loss=loss, pred=pred, mask=mask, target=target)
+
+    def picture(self, images: torch.Tensor, mean: Any, std: Any,
+                seed: int = 0) -> torch.Tensor | None:
+        return reconstruction_grid(self, images, mean, std, seed)
 
     def reconstruct(self, images: torch.Tensor, out: PretrainOutput) -> torch.Tensor:
         """Predicted pixels (B, L, p*p*C) in the input's units (norm-pix undone per patch)."""

@@ -7,6 +7,7 @@ loss is the mean squared error over the masked patches.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,9 +15,25 @@ from torch import nn
 
 from mim.hog import hog_dim, hog_patch_targets
 from mim.losses import masked_mse_loss
-from mim.models.encoder import MaskedEncoder, create_encoder
-from mim.models.mae import PretrainOutput
-from mim.models.masked_prediction import MaskedPredictionModel, init_head, masking_kwargs
+from mim.methods.base import PretrainOutput, require
+from mim.methods.masked_prediction import (MaskConfig, MaskedPredictionModel, init_head,
+                                           masking_kwargs)
+from mim.models.encoder import MaskedEncoder, ModelConfig, create_encoder
+
+
+@dataclass
+class MaskFeatConfig(MaskConfig):
+    name: str = "maskfeat"
+    hog_bins: int = 9  # orientation bins over 0-180 degrees
+    hog_cell: int = 8  # cell size in pixels; must divide model.patch_size
+
+    def check(self, model: ModelConfig) -> None:
+        super().check(model)
+        require(self.hog_bins >= 1, f"config key 'method.hog_bins' must be >= 1, "
+                                    f"got {self.hog_bins}")
+        require(self.hog_cell >= 1 and model.patch_size % self.hog_cell == 0,
+                f"config key 'method.hog_cell' ({self.hog_cell}) must divide "
+                f"'model.patch_size' ({model.patch_size})")
 
 
 class MaskFeat(MaskedPredictionModel):

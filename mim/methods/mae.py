@@ -7,7 +7,8 @@ every patch. The loss counts the masked patches only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
@@ -15,22 +16,22 @@ from torch import nn
 
 from mim.losses import denormalize_patch_pixels, masked_mse_loss, pixel_targets
 from mim.masking import RandomMask, gather_tokens, random_masking
-from mim.models.encoder import MaskedEncoder, sincos_pos_embed
+from mim.methods.base import MethodConfig, PretrainOutput, Pretrainer, check_mask_ratio
+from mim.models.encoder import MaskedEncoder, ModelConfig, create_encoder, sincos_pos_embed
+from mim.viz import reconstruction_grid
 
 
 @dataclass
-class PretrainOutput:
-    """loss: scalar; pred: (B, L, p*p*C); mask: (B, L) bool, True = masked; target like pred.
+class MAEConfig(MethodConfig):
+    name: str = "mae"
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
 
-    metrics: optional extra scalar tensors (e.g. codebook usage); the engine averages them over
-    each logging window and writes them beside the loss.
-    """
-
-    loss: torch.Tensor
-    pred: torch.Tensor
-    mask: torch.Tensor
-    target: torch.Tensor
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    def check(self, model: ModelConfig) -> None:
+        check_mask_ratio(self.mask_ratio)
 
 
 class MAEDecoder(nn.Module):
@@ -60,7 +61,7 @@ class MAEDecoder(nn.Module):
         return self.pred(x[:, P:])
 
 
-class MAE(nn.Module):
+class MAE(Pretrainer):
     def __init__(self, encoder: MaskedEncoder, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
                  decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16) -> None:
         super().__init__()
@@ -77,13 +78,33 @@ class MAE(nn.Module):
         if encoder.vit.cls_token is not None:
             nn.init.normal_(encoder.vit.cls_token, std=0.02)
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> MAE:
+        m = cfg.method
+        return cls(create_encoder(cfg.model), mask_ratio=m.mask_ratio,
+                   norm_pix_loss=m.norm_pix_loss, decoder_dim=m.decoder_dim,
+                   decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads)
+
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"decoder.mask_token"}
+        return super().no_weight_decay() | {"decoder.mask_token"}
+
+    def sample_mask(self, batch_size: int, device: torch.device | str,
+                    generator: torch.Generator | None = None) -> RandomMask:
+        where = "cpu" if generator is not None else device
+        masking = random_masking(batch_size, self.encoder.num_patches, self.mask_ratio, where,
+                                 generator=generator)
+        masking.ids_keep, masking.ids_restore, masking.mask = (
+            t.to(device) for t in (masking.ids_keep, masking.ids_restore, masking.mask))
+        return masking
+
+    def picture(self, images: torch.Tensor, mean: Any, std: Any,
+                seed: int = 0) -> torch.Tensor | None:
+        return reconstruction_grid(self, images, mean, std, seed)
 
     def forward(self, images: torch.Tensor, masking: RandomMask | None = None) -> PretrainOutput:
         B = images.shape[0]
         if masking is None:
-            masking = random_masking(B, self.encoder.num_patches, self.mask_ratio, images.device)
+            masking = self.sample_mask(B, images.device)
         tokens = self.encoder(images, idx_keep=masking.ids_keep)
         pred = self.decoder(tokens, masking.ids_restore)
         target = pixel_targets(images, self.encoder.patch_size, self.norm_pix_loss)

@@ -1,0 +1,104 @@
+"""A training loop's state and its save and resume (the checkpoint's ``state.pt`` side)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from mim.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mim.config import JobConfig
+from mim.errors import ConfigError
+
+
+@dataclass
+class LoopState:
+    """Where a training loop stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0
+    update_in_epoch: int = 0  # updates done within ``epoch``
+    images_seen: int = 0
+    bad_samples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_resume(cfg: JobConfig, run_dir: Path) -> Path | None:
+    mode = cfg.run.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return latest_checkpoint(run_dir / "checkpoints")
+    return Path(mode)
+
+
+def save_training_state(acc: Accelerator, cfg: JobConfig, run_dir: Path, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, scheduler: Any, state: LoopState) -> None:
+    model_state = acc.get_state_dict(model)
+    if acc.is_main_process:
+        scaler = acc.scaler.state_dict() if acc.scaler is not None else {}
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        log = run_dir / "metrics.jsonl"  # how much of the log this checkpoint has seen
+        state.extra["metrics_lines"] = (sum(1 for ln in log.read_text().splitlines() if ln.strip())
+                                        if log.exists() else 0)
+        train_state = {
+            "config": cfg.to_dict(),
+            "loop": {k: v for k, v in state.__dict__.items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler,
+            "rng": rng,
+            "num_processes": acc.num_processes,
+        }
+        save_checkpoint(run_dir / "checkpoints", state.step, model_state, train_state,
+                        cfg.train.keep_last)
+    acc.wait_for_everyone()
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, as 'key: old -> new'."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def restore_training_state(acc: Accelerator, cfg: JobConfig, path: Path, model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer) -> LoopState:
+    model_state, train_state = load_checkpoint(path)
+    # The schedule is recomputed from the current config (a pure function of the update index),
+    # so a resume that changes train.epochs follows the new schedule; say what changed.
+    changed = config_diff(train_state["config"], cfg.to_dict())
+    changed = [c for c in changed if not c.startswith(("run.resume", "train.max_steps"))]
+    try:
+        missing, unexpected = acc.unwrap_model(model).load_state_dict(model_state, strict=False)
+    except RuntimeError as e:  # tensor shapes differ
+        missing, unexpected = [str(e).splitlines()[-1].strip()], []
+    missing = [k for k in missing if not k.endswith("decoder.pos_embed")]
+    if missing or unexpected:
+        arch = sorted((c for c in changed if c.startswith(("model.", "method."))
+                       and ": None -> " not in c),  # keys the old config did not have yet
+                      key=lambda c: not c.startswith("model."))
+        raise ConfigError(f"{path} holds another model than this config's ("
+                          + ("; ".join(arch[:4]) if arch else
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+                          + f"); give the run a new 'run.name' or delete {cfg.run_dir}")
+    optimizer.load_state_dict(train_state["optimizer"])
+    if changed:
+        acc.print("note: resuming with a changed config: " + "; ".join(changed))
+    if acc.scaler is not None and train_state.get("scaler"):
+        acc.scaler.load_state_dict(train_state["scaler"])
+    if train_state.get("num_processes") != acc.num_processes:
+        acc.print(f"note: checkpoint was written by {train_state.get('num_processes')} processes, "
+                  f"resuming on {acc.num_processes}; the data order within the epoch changes")
+    loop = train_state["loop"]
+    return LoopState(**loop)
