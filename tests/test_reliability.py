@@ -13,7 +13,7 @@ import torch
 from mim import load_config
 from mim.checkpoint import UnsafeCheckpoint, latest_checkpoint
 from mim.config import ConfigError, RunError
-from mim.engine import checkpoint as ckpt_mod
+from mim import checkpoint as ckpt_mod
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
 from tests.conftest import REPO, two_process_launch

@@ -77,7 +77,7 @@ def check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def validate_common(cfg: Any) -> None:
+def validate_common(cfg: JobConfig) -> None:
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
     check(m.img_size > 0, f"config key 'model.img_size' must be positive, got {m.img_size}")
     check(m.patch_size > 0, f"config key 'model.patch_size' must be positive, got {m.patch_size}")

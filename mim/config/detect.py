@@ -101,7 +101,7 @@ class DetectConfig(JobConfig):
         validate_detect(self)
 
 
-def validate_detect(cfg: Any) -> None:
+def validate_detect(cfg: DetectConfig) -> None:
     m, d, o, lo, ev = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.eval
     validate_init(cfg)
     check(m.num_classes >= 0, "config key 'model.num_classes' must be >= 0")

@@ -103,7 +103,7 @@ class FinetuneConfig(JobConfig):
         validate_finetune(self)
 
 
-def validate_finetune(cfg: Any) -> None:
+def validate_finetune(cfg: FinetuneConfig) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     validate_init(cfg)
     check(m.num_classes >= 0, "config key 'model.num_classes' must be >= 0")

@@ -78,7 +78,8 @@ def restore_training_state(acc: Accelerator, cfg: JobConfig, path: Path, model: 
     # The schedule is recomputed from the current config (a pure function of the update index),
     # so a resume that changes train.epochs follows the new schedule; say what changed.
     changed = config_diff(train_state["config"], cfg.to_dict())
-    changed = [c for c in changed if not c.startswith(("run.resume", "train.max_steps"))]
+    changed = [c for c in changed if not c.startswith(("run.resume", "train.max_steps"))
+               and not (c.startswith("method.") and c.endswith(" -> None"))]  # flat old section
     try:
         missing, unexpected = acc.unwrap_model(model).load_state_dict(model_state, strict=False)
     except RuntimeError as e:  # tensor shapes differ
