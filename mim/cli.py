@@ -17,6 +17,8 @@ import yaml
 
 from mim.checkpoint import UnsafeCheckpoint
 from mim.config import ConfigError, RunError, load_config
+from mim.inference.commands import COMMANDS as INFERENCE_COMMANDS
+from mim.inference.commands import add_commands as add_inference_commands
 
 # command -> (config schema, "module:function" run with the validated config, help)
 CONFIG_COMMANDS = {
@@ -56,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     evd.add_argument("--score-thresh", type=float, default=0.3,
                      help="operating point of precision_50 / recall_50")
     evd.add_argument("--per-class", action="store_true", help="add per-class AP")
+    add_inference_commands(sub)
     return p
 
 
@@ -102,6 +105,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "evaluate-detections":
         return _evaluate_detections(args)
+    if args.command in INFERENCE_COMMANDS:
+        from mim.inference.commands import run_command
+
+        return run_command(args)
     return 1
 
 

@@ -123,11 +123,20 @@ def detection_grid(images: torch.Tensor, mean, std, predictions: list[dict], tar
             x = draw_bounding_boxes(x, tgt["boxes"].cpu().float() * zoom,
                                     [class_names[int(c)] for c in tgt["labels"]],
                                     colors="lime", width=2)
-        keep = pred["scores"].cpu() >= score_thresh
-        if keep.any():
-            names = [f"{class_names[int(c)]} {float(s):.2f}"
-                     for c, s in zip(pred["labels"].cpu()[keep], pred["scores"].cpu()[keep])]
-            x = draw_bounding_boxes(x, pred["boxes"].cpu().float()[keep] * zoom, names,
-                                    colors="red", width=1)
+        x = draw_predictions(x, pred["boxes"].cpu().float() * zoom, pred["scores"].cpu(),
+                             [class_names[int(c)] for c in pred["labels"].cpu()], score_thresh)
         tiles.append(x.float() / 255)
     return make_grid(torch.stack(tiles), nrow=min(4, len(tiles)), padding=4, pad_value=1.0)
+
+
+def draw_predictions(image: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
+                     names: list[str], score_thresh: float, width: int = 1) -> torch.Tensor:
+    """Boxes (N, 4 xyxy) scoring >= ``score_thresh`` on a uint8 (3, H, W) image, in red with
+    "name score"."""
+    from torchvision.utils import draw_bounding_boxes
+
+    keep = scores >= score_thresh
+    if not keep.any():
+        return image
+    labels = [f"{n} {float(s):.2f}" for n, s, k in zip(names, scores, keep) if k]
+    return draw_bounding_boxes(image, boxes[keep], labels, colors="red", width=width)

@@ -133,7 +133,8 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
                              for issue in data.val_issues)
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
             "global_batch": global_batch, "flops_per_image": flops, "lr": lr,
-            "classes": data.classes, "init": init_report.to_dict()}
+            "classes": data.classes, "category_ids": data.category_ids,
+            "init": init_report.to_dict()}
     last_eval: dict[str, Any] = state.extra.get("last_eval", {})
     guards = Guards.for_run(acc, cfg, len(data.train.dataset))
     stopped, forward = None, partial(_forward, acc, model, cfg.loss)
@@ -199,8 +200,8 @@ def _forward(acc, model, lc: Any, batch: dict) -> tuple[torch.Tensor, dict, int]
     return losses["loss"], scalars, images.shape[0]
 
 
-def _to_original(det: dict[str, torch.Tensor], size: torch.Tensor, orig: torch.Tensor
-                 ) -> torch.Tensor:
+def to_original_pixels(det: dict[str, torch.Tensor], size: torch.Tensor, orig: torch.Tensor
+                       ) -> torch.Tensor:
     """Boxes from the resized image back to the original image's pixels."""
     boxes = det["boxes"].float().cpu().clone()
     boxes[:, 0::2] *= float(orig[1]) / float(size[1])
@@ -223,7 +224,7 @@ def predict(acc, model: torch.nn.Module, loader: EpochLoader, cfg: Any,
                                ev.topk_candidates, ev.max_detections)
         for det, image_id, size, orig in zip(dets, batch["image_ids"], batch["sizes"],
                                              batch["orig_sizes"]):
-            results += to_coco_results(int(image_id), _to_original(det, size, orig),
+            results += to_coco_results(int(image_id), to_original_pixels(det, size, orig),
                                        det["scores"].cpu(), det["labels"].cpu(), category_ids)
     net.train(was_training)
     return gather_object(results) if acc.num_processes > 1 else results

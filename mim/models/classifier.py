@@ -133,9 +133,12 @@ def export_classifier(vit: VisionTransformer, cfg: Any, num_classes: int, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(export_state_dict(vit), str(out_dir / "model.safetensors"))
     m = cfg.model
+    pool = getattr(m, "global_pool", "avg")  # a pretraining encoder: avg, its norm before pooling
     model_args: dict[str, Any] = {"img_size": m.img_size, "patch_size": m.patch_size,
                                   "in_chans": m.in_chans, "num_classes": num_classes,
-                                  "global_pool": m.global_pool}
+                                  "global_pool": pool}
+    if pool == "avg" and isinstance(vit.fc_norm, nn.Identity):
+        model_args["fc_norm"] = False
     for key in ("embed_dim", "depth", "num_heads"):
         if getattr(m, key):
             model_args[key] = getattr(m, key)
@@ -143,14 +146,14 @@ def export_classifier(vit: VisionTransformer, cfg: Any, num_classes: int, out_di
         model_args["init_values"] = m.init_values
     pretrained_cfg = {"input_size": [m.in_chans, m.img_size, m.img_size],
                       "fixed_input_size": True, "interpolation": "bicubic",
-                      "crop_pct": cfg.data.eval_crop_pct, "crop_mode": "center",
+                      "crop_pct": getattr(cfg.data, "eval_crop_pct", 1.0), "crop_mode": "center",
                       "mean": list(cfg.data.mean), "std": list(cfg.data.std),
                       "num_classes": num_classes, "first_conv": "patch_embed.proj",
                       "classifier": "head", "custom_load": False}
     if class_names:
         pretrained_cfg["label_names"] = list(class_names)
     config = {"architecture": m.arch, "num_classes": num_classes, "num_features": vit.embed_dim,
-              "global_pool": m.global_pool, "model_args": model_args,
+              "global_pool": pool, "model_args": model_args,
               "pretrained_cfg": pretrained_cfg}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir / "model.safetensors"

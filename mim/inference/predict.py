@@ -1,0 +1,131 @@
+"""``mim predict``: a fine-tuned run's predictions on new images, as one output file.
+
+Classification writes a CSV (path, then the top-k class names and probabilities); when the
+inputs carry the run's classes it also scores them with the metrics ``mim evaluate`` reports
+(``<out>.metrics.json``). Detection writes ``predictions.json`` (COCO results, original
+pixels; image ids are the inputs' positions + 1) beside ``images.json`` (the COCO ``images``
+and ``categories`` those ids refer to) and, with ``--draw``, one picture per image.
+Under ``accelerate launch`` every process predicts its share and the main process writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from torchvision.io import write_png
+from torchvision.transforms.functional import pil_to_tensor
+
+from mim.config import ConfigError
+from mim.inference.images import (PreparedImage, open_images, process_shard, report_unreadable,
+                                  run_label_map)
+from mim.inference.model import LoadedClassifier, LoadedDetector, load_model
+from mim.metrics import ClassificationEvaluator
+from mim.metrics.detection import to_coco_results
+from mim.viz import draw_predictions
+
+
+def predict(run: str | Path, images: list[str], out: str | Path, *, split: str = "",
+            batch_size: int = 32, num_workers: int = 2, topk: int = 5, draw: bool = False,
+            score_thresh: float = 0.5) -> int:
+    """Predict ``images`` with the run's model into ``out``; the exit status (1 when some
+    images could not be read, 0 otherwise)."""
+    state = PartialState()
+    model = load_model(run, state.device)
+    source = open_images(images, split)
+    out = Path(out)
+    if isinstance(model, LoadedClassifier):
+        if out.suffix.lower() != ".csv":
+            raise ConfigError(f"--out: a classifier writes a CSV file, got {out}")
+        labels = run_label_map(source, model.class_names)
+        rows, unreadable = process_shard(
+            source, model.preprocess, lambda batch: _classify(model, batch, labels),
+            batch_size=batch_size, num_workers=num_workers, desc="predict")
+        if state.is_main_process:
+            _write_classes(model, rows, out, topk, labels is not None)
+    else:
+        if out.suffix:
+            raise ConfigError(f"--out: a detector writes a folder, got {out}")
+        if draw and state.is_main_process:
+            (out / "drawn").mkdir(parents=True, exist_ok=True)
+        state.wait_for_everyone()
+        rows, unreadable = process_shard(
+            source, model.preprocess,
+            lambda batch: _detect(model, batch, source, out if draw else None, score_thresh),
+            batch_size=batch_size, num_workers=num_workers, desc="predict")
+        if state.is_main_process:
+            _write_detections(model, rows, out)
+    state.wait_for_everyone()
+    return report_unreadable(unreadable, len(source))
+
+
+def _classify(model: LoadedClassifier, batch: list[PreparedImage],
+              labels: dict[int, int] | None) -> list[dict[str, Any]]:
+    logits = model.logits(torch.stack([p.item for p in batch]))
+    return [{"index": p.index, "path": p.path, "logits": row,
+             "target": labels[p.label] if labels is not None and p.label is not None else None}
+            for p, row in zip(batch, logits.tolist())]
+
+
+def _write_classes(model: LoadedClassifier, rows: list[dict[str, Any]], out: Path, topk: int,
+                   labeled: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    k = min(topk, len(model.class_names))
+    logits = torch.tensor([r["logits"] for r in rows]).view(len(rows), -1)
+    header = ["path"] + (["label"] if labeled else [])
+    header += [c for i in range(1, k + 1) for c in (f"top{i}", f"prob{i}")]
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for r, top in zip(rows, model.top_k(logits, k)):
+            truth = [model.class_names[r["target"]]] if labeled else []
+            pairs = [v for name, p in zip(top.labels, top.scores) for v in (name, f"{p:.6f}")]
+            writer.writerow([r["path"], *truth, *pairs])
+    print(f"wrote {len(rows)} predictions to {out}")
+    if labeled and rows:
+        evaluator = ClassificationEvaluator(len(model.class_names))
+        evaluator.update(logits, torch.tensor([r["target"] for r in rows]))
+        result = evaluator.compute()
+        metrics = out.with_suffix(".metrics.json")
+        metrics.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{result['num_samples']} labeled images: top-1 {result['top1']:.4f}  top-5 "
+              f"{result['top5']:.4f}  macro-F1 {result['macro_f1']:.4f}  loss "
+              f"{result['loss']:.4f} ({metrics})")
+
+
+def _detect(model: LoadedDetector, batch: list[PreparedImage], source: Any,
+            draw_dir: Path | None, score_thresh: float) -> list[dict[str, Any]]:
+    rows = []
+    for p, det in zip(batch, model.detect([p.item for p in batch])):
+        rows.append({"index": p.index, "path": p.path, "size": p.size,
+                     "boxes": det.boxes.tolist(), "scores": det.scores.tolist(),
+                     "class_ids": det.class_ids.tolist()})
+        if draw_dir is not None:
+            image = pil_to_tensor(source.load(p.index)[0])
+            width = max(1, max(p.size) // 256)
+            picture = draw_predictions(image, det.boxes, det.scores, det.labels, score_thresh,
+                                       width)
+            write_png(picture, str(draw_dir / "drawn" / f"{p.index:06d}_{Path(p.path).stem}.png"))
+    return rows
+
+
+def _write_detections(model: LoadedDetector, rows: list[dict[str, Any]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    for r in rows:
+        results += to_coco_results(r["index"] + 1, torch.tensor(r["boxes"]).view(-1, 4),
+                                   torch.tensor(r["scores"]), torch.tensor(r["class_ids"]),
+                                   model.category_ids)
+    images = [{"id": r["index"] + 1, "file_name": r["path"], "width": r["size"][0],
+               "height": r["size"][1]} for r in rows]
+    categories = [{"id": cid, "name": name}
+                  for cid, name in zip(model.category_ids, model.class_names)]
+    (out / "predictions.json").write_text(json.dumps(results) + "\n")
+    (out / "images.json").write_text(json.dumps({"images": images,
+                                                 "categories": categories}) + "\n")
+    print(f"wrote {len(results)} detections on {len(rows)} images to {out}/predictions.json "
+          f"(image ids in {out}/images.json)")
