@@ -53,3 +53,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def inference_runs(tmp_path_factory):
+    """Tiny finished runs for the inference tests: an MAE pretraining ('pre'), a classifier
+    fine-tuned from it ('cls') and a detector ('det', every detection kept: score_thresh 0),
+    plus a folder of 12 synthetic images (some in a sub-folder) and one corrupt file."""
+    import torch
+
+    from mim import load_config
+    from mim.data.synthetic import SyntheticShapes
+    from mim.engine.detect import detect
+    from mim.engine.finetune import finetune
+    from mim.engine.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("inference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    common = ["data.synthetic=true", "data.num_workers=0", "optim.warmup_epochs=0",
+              "tracking.backend=none", f"run.output_dir={out}", "train.epochs=1"]
+    pretrain(load_config(None, TINY + common + ["data.synthetic_size=64", "run.name=pre"]))
+    finetune(load_config(None, TINY[:6] + common + [
+        "data.synthetic_size=64", "data.batch_size=16", "run.name=cls", f"init={out / 'pre'}"],
+        job="finetune"))
+    detect(load_config(None, [
+        "task=detect", "model.arch=vit_tiny_patch16_224", "model.img_size=64",
+        "model.patch_size=8", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+        "model.pyramid_dim=16", "data.synthetic_size=16", "data.batch_size=8",
+        "eval.vis_images=0", "eval.score_thresh=0", "run.name=det", *common], job="detect"))
+    torch.set_num_threads(threads)
+    images = out / "images"
+    (images / "sub").mkdir(parents=True)
+    shapes = SyntheticShapes(12, 40, seed=5)
+    for i in range(12):
+        shapes.load(i)[0].save(images / ("sub" if i % 3 == 0 else "") / f"im{i:02d}.png")
+    (images / "broken.jpg").write_bytes(b"not an image")
+    return out

@@ -70,6 +70,7 @@ class TrackingConfig:
     project: str = "mim"
     group: str = ""
     tags: list[str] = field(default_factory=list)
+    log_model: bool = False  # wandb: the final model files as a "model" artifact of the run
 
 
 def check(cond: bool, msg: str) -> None:

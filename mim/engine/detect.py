@@ -29,7 +29,7 @@ from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_l
 from mim.engine.optim import build_optimizer, build_scheduler
 from mim.engine.run import check_disk_space, make_accelerator, run_job, write_json
 from mim.engine.state import save_training_state
-from mim.engine.tracking import MetricsLog
+from mim.engine.tracking import MetricsLog, log_model_artifact
 from mim.losses import dense_detection_loss
 from mim.metrics.detection import METRIC_KEYS, CocoDetectionEvaluator, to_coco_results
 from mim.models.detector import DenseDetector, build_detector
@@ -166,6 +166,8 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
             "train_label_issues": _count_issues(run_dir / "data_issues.jsonl", d.split),
             "pr_score_thresh": cfg.eval.pr_score_thresh,
             **meta})
+        log_model_artifact(acc, cfg, [run_dir / "model.safetensors", run_dir / "config.yaml",
+                                      run_dir / "summary.json"])
         acc.print(f"done: {state.step} updates, mAP {last_eval.get('map', 0):.4f}, mAP@0.5 "
                   f"{last_eval.get('map_50', 0):.4f}. Results in {run_dir}/ (summary.json, "
                   "metrics.jsonl, predictions.json, ground_truth.json, detections_*.png, "

@@ -17,7 +17,7 @@ from mim.config import ConfigError, load_config
 from mim.data import build_epoch_loader, build_source, eval_transform
 from mim.engine.run import make_accelerator, write_json
 from mim.engine.state import LoopState
-from mim.engine.tracking import MetricsLog
+from mim.engine.tracking import MetricsLog, log_model_artifact
 from mim.metrics import ClassificationEvaluator, save_confusion_matrix
 from mim.models.classifier import build_classifier, export_classifier
 
@@ -130,6 +130,8 @@ def write_finetune_summary(acc, cfg: Any, model: torch.nn.Module, run_dir: Path,
         **{k: v for k, v in meta.items() if k != "dropout_scale"},
     }
     write_json(run_dir / "summary.json", summary)
+    log_model_artifact(acc, cfg, [export, export.parent / "config.json", run_dir / "config.yaml",
+                                  run_dir / "summary.json"])
     acc.print(f"done: {state.step} updates; best {best.metric} {best.record['value']:.4f} at "
               f"epoch {best.record['epoch']}. Results in {run_dir}/ (config.yaml, metrics.jsonl, "
               "summary.json, best/, export/model.safetensors, confusion_matrix.png)")

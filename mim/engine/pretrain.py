@@ -19,7 +19,7 @@ from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_l
 from mim.engine.optim import apply_speed_options, build_optimizer, build_scheduler
 from mim.engine.run import check_disk_space, run_job, write_json
 from mim.engine.state import LoopState, save_training_state
-from mim.engine.tracking import MetricsLog
+from mim.engine.tracking import MetricsLog, log_model_artifact
 from mim.methods import build_pretrainer
 from mim.viz import pretrain_grid, save_grid
 
@@ -87,6 +87,7 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
                                               "images_seen": state.images_seen,
                                               "bad_samples": state.bad_samples,
                                               "nonfinite_updates": guards.nonfinite.total, **meta})
+        log_model_artifact(acc, cfg, [run_dir / "encoder.safetensors", run_dir / "config.yaml"])
         acc.print(f"done: {state.step} updates. Results in {run_dir}/ "
                   "(config.yaml, metrics.jsonl, checkpoints/, encoder.safetensors, recon_*.png)")
     return run_dir

@@ -59,3 +59,20 @@ class MetricsLog:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def log_model_artifact(acc: Any, cfg: Any, files: list[Path]) -> None:
+    """``tracking.log_model=true``: the final model files as one wandb artifact of type
+    "model" named ``<run.name>-model`` (offline runs keep it in their wandb folder until
+    ``wandb sync``). Main process only; nothing for other backends."""
+    if not cfg.tracking.log_model:
+        return
+    for tracker in acc.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            artifact = wandb.Artifact(f"{cfg.run.name}-model", type="model",
+                                      metadata={"run_dir": str(cfg.run_dir)})
+            for f in files:
+                artifact.add_file(str(f))
+            tracker.run.log_artifact(artifact)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 
 from mim.config import ConfigError, load_config
 from mim.data.transforms import eval_transform
+from mim.engine.run import process_state
 from mim.inference.images import open_images, process_shard, report_unreadable
 from mim.inference.model import run_config, run_kind
 from mim.models.encoder import create_vit
@@ -89,7 +89,7 @@ def embed(init: str, images: list[str], out: str | Path, *, init_file: str = "",
     out = Path(out)
     if out.suffix != ".parquet":
         raise ConfigError(f"--out: embed writes a .parquet file, got {out}")
-    state = PartialState()
+    state = process_state()
     encoder = Encoder(init, init_file, pool, overrides, state.device)
     for line in encoder.report.lines():
         state.print(line)

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mim.config import ConfigError
 from mim.data.sources import IMAGE_EXTS, HFImageSource, UnreadableImage, load_local
+from mim.engine.run import process_state
 
 
 def _file_list(files: list[str]) -> HFImageSource:
@@ -127,7 +127,7 @@ def process_shard(source: HFImageSource, prepare: Callable[[Any], Any],
     """Every process runs ``run`` on the batches of its own inputs (i, i + W, i + 2W, ...: each
     input once, none padded in); returns all processes' rows, in input order, and unreadable
     inputs, on every process. A progress bar on the main process counts its shard's images."""
-    state = PartialState()
+    state = process_state()
     mine = list(range(state.process_index, len(source), state.num_processes))
     loader = DataLoader(PreparedImages(source, mine, prepare), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_as_list)
@@ -151,7 +151,7 @@ def report_unreadable(unreadable: list[dict[str, str]], total: int) -> int:
     """List unreadable inputs (main process); the exit status: 1 when any, else 0."""
     if not unreadable:
         return 0
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         import sys
 
         for u in unreadable:

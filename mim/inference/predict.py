@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
-from torchvision.io import write_png
-from torchvision.transforms.functional import pil_to_tensor
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from mim.config import ConfigError
+from mim.engine.run import process_state
 from mim.inference.images import (PreparedImage, open_images, process_shard, report_unreadable,
                                   run_label_map)
 from mim.inference.model import LoadedClassifier, LoadedDetector, load_model
@@ -34,7 +33,7 @@ def predict(run: str | Path, images: list[str], out: str | Path, *, split: str =
             score_thresh: float = 0.5) -> int:
     """Predict ``images`` with the run's model into ``out``; the exit status (1 when some
     images could not be read, 0 otherwise)."""
-    state = PartialState()
+    state = process_state()
     model = load_model(run, state.device)
     source = open_images(images, split)
     out = Path(out)
@@ -109,7 +108,7 @@ def _detect(model: LoadedDetector, batch: list[PreparedImage], source: Any,
             width = max(1, max(p.size) // 256)
             picture = draw_predictions(image, det.boxes, det.scores, det.labels, score_thresh,
                                        width)
-            write_png(picture, str(draw_dir / "drawn" / f"{p.index:06d}_{Path(p.path).stem}.png"))
+            to_pil_image(picture).save(draw_dir / "drawn" / f"{p.index:06d}_{Path(p.path).stem}.png")
     return rows
 
 
