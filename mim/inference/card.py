@@ -8,6 +8,7 @@ the metrics its run measured (``summary.json``); nothing in it is estimated.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ METRICS = {"classify": (("top1", "accuracy"), ("top5", "top-5 accuracy"),
            "detect": (("map", "mAP"), ("map_50", "mAP@0.5"), ("map_75", "mAP@0.75"),
                       ("mar_100", "AR@100")),
            "pretrain": ()}
+
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 class HubUnavailable(ConfigError):
@@ -132,7 +136,7 @@ def push_folder(folder: Path, repo: str, timeout_s: float = 5.0) -> str:
     in one line, when offline mode is set or the Hub cannot be reached."""
     from huggingface_hub import HfApi, constants
 
-    if constants.is_offline_mode():
+    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
         raise HubUnavailable(f"--push-to-hub: offline (HF_HUB_OFFLINE=1); not uploaded. The "
                              f"export is in {folder}")
     host = constants.ENDPOINT.split("://")[-1].split("/")[0]
