@@ -16,12 +16,7 @@ from mim.inference.export import example_inputs, export, onnx_module
 ort = pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _session(path):

@@ -24,12 +24,7 @@ from mim.models.encoder import MaskedEncoder, create_vit
 from tests.conftest import REPO, two_process_launch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(runs, n=5):
@@ -79,7 +74,8 @@ def test_predict_classifier_lists_and_skips_a_corrupt_file(inference_runs, tmp_p
     again = tmp_path / "again.csv"
     assert main(["predict", "--run", str(runs / "cls"), "--images", str(listing),
                  "--out", str(again), "--topk", "3", "--num-workers", "0"]) == 0
-    assert sorted(map(tuple, csv.reader(again.open()))) == sorted(map(tuple, csv.reader(out.open())))
+    rows_again = sorted(map(tuple, csv.reader(again.open())))
+    assert rows_again == sorted(map(tuple, csv.reader(out.open())))
 
 
 def test_predict_detector_writes_coco_results_and_pictures(inference_runs, tmp_path, capsys):

@@ -136,7 +136,7 @@ def push_folder(folder: Path, repo: str, timeout_s: float = 5.0) -> str:
     in one line, when offline mode is set or the Hub cannot be reached."""
     from huggingface_hub import HfApi, constants
 
-    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
         raise HubUnavailable(f"--push-to-hub: offline (HF_HUB_OFFLINE=1); not uploaded. The "
                              f"export is in {folder}")
     host = constants.ENDPOINT.split("://")[-1].split("/")[0]

@@ -108,7 +108,8 @@ def _detect(model: LoadedDetector, batch: list[PreparedImage], source: Any,
             width = max(1, max(p.size) // 256)
             picture = draw_predictions(image, det.boxes, det.scores, det.labels, score_thresh,
                                        width)
-            to_pil_image(picture).save(draw_dir / "drawn" / f"{p.index:06d}_{Path(p.path).stem}.png")
+            name = f"{p.index:06d}_{Path(p.path).stem}.png"
+            to_pil_image(picture).save(draw_dir / "drawn" / name)
     return rows
 
 
