@@ -95,7 +95,7 @@ def test_predict_detector_writes_coco_results_and_pictures(inference_runs, tmp_p
         assert -0.01 <= x and x + w <= W + 0.01 and y + h <= H + 0.01 and w > 0
     assert max(r["bbox"][0] + r["bbox"][2] for r in results) > 20
     pictures = sorted((out / "drawn").glob("*.png"))
-    assert len(pictures) == 12 and Image.open(pictures[0]).size == (40, 40)
+    assert len(pictures) == 12 and Image.open(pictures[0]).size == (240, 240)  # 6x zoom
 
 
 def test_classifier_predictions_score_as_evaluate(inference_runs, tmp_path):

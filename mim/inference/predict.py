@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from mim.config import ConfigError
@@ -41,6 +42,9 @@ def predict(run: str | Path, images: list[str], out: str | Path, *, split: str =
         if out.suffix.lower() != ".csv":
             raise ConfigError(f"--out: a classifier writes a CSV file, got {out}")
         labels = run_label_map(source, model.class_names)
+        if source.label_column and labels is None:
+            state.print(f"the inputs' labels ({(source.classes or [])[:5]}...) are not the "
+                        "run's classes: predictions only, no metrics")
         rows, unreadable = process_shard(
             source, model.preprocess, lambda batch: _classify(model, batch, labels),
             batch_size=batch_size, num_workers=num_workers, desc="predict")
@@ -103,11 +107,12 @@ def _detect(model: LoadedDetector, batch: list[PreparedImage], source: Any,
         rows.append({"index": p.index, "path": p.path, "size": p.size,
                      "boxes": det.boxes.tolist(), "scores": det.scores.tolist(),
                      "class_ids": det.class_ids.tolist()})
-        if draw_dir is not None:
-            image = pil_to_tensor(source.load(p.index)[0])
-            width = max(1, max(p.size) // 256)
-            picture = draw_predictions(image, det.boxes, det.scores, det.labels, score_thresh,
-                                       width)
+        if draw_dir is not None:  # small images enlarged so that the names stay readable
+            image = source.load(p.index)[0]
+            zoom = max(1, 256 // max(image.size))
+            image = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
+            picture = draw_predictions(pil_to_tensor(image), det.boxes * zoom, det.scores,
+                                       det.labels, score_thresh, max(1, max(image.size) // 256))
             name = f"{p.index:06d}_{Path(p.path).stem}.png"
             to_pil_image(picture).save(draw_dir / "drawn" / name)
     return rows
