@@ -211,3 +211,19 @@ def test_embed_a_fine_tuned_run_and_labels_from_class_folders(inference_runs, tm
     with torch.no_grad():
         want = model.net.forward_head(model.net.forward_features(x), pre_logits=True)
     assert torch.allclose(torch.tensor(table.vector[0]), want[0], atol=1e-5)
+
+
+def test_bad_inputs_are_one_line_exit_2(inference_runs, tmp_path, capsys):
+    runs = inference_runs
+    cases = [(["predict", "--run", str(runs / "cls"), "--images", "someone/no-such-set",
+               "--out", str(tmp_path / "p.csv")], "not a file, folder or loadable dataset"),
+             (["predict", "--run", str(runs / "cls"), "--images", str(runs / "images"),
+               "--out", str(tmp_path / "p.json")], "a classifier writes a CSV"),
+             (["predict", "--run", str(runs / "pre"), "--images", str(runs / "images"),
+               "--out", str(tmp_path / "p.csv")], "pretraining run"),
+             (["embed", "--init", str(runs / "pre"), "--images", str(runs / "images"),
+               "--out", str(tmp_path / "f.csv")], "writes a .parquet")]
+    for argv, message in cases:
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.count("\n") == 1, (argv, err)

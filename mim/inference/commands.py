@@ -34,8 +34,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     em.add_argument("--init-file", default="", help="local weights for timm:<name>")
     _inputs(em)
     em.add_argument("--out", required=True, help="a .parquet file")
-    em.add_argument("--pool", choices=("avg", "token"), default="avg",
-                    help="mean of the patch tokens (default) or the class token")
+    em.add_argument("--pool", choices=("avg", "token"), default="",
+                    help="mean of the patch tokens or the class token (default: a fine-tuned "
+                         "run's own pooling, else avg)")
     em.add_argument("overrides", nargs="*",
                     help="model.* keys for an init without a run (model.arch=..., "
                          "model.img_size=...)")

@@ -4,11 +4,12 @@ The init is what fine-tuning accepts (:mod:`mim.models.init`): a mim run or one 
 files (the architecture and preprocessing then come from the run's ``config.yaml``), an
 ``encoder.safetensors``, an MAE/BEiT ``.pth`` or ``timm:<name>`` (the architecture from
 ``model.*`` overrides; ``timm:<name>`` names its own). The vector is the timm ViT's pooled
-output: ``avg`` (the mean of the patch tokens, the classifier's default) or ``token`` (the class
-token), after the encoder's final norm as it was trained (a pretraining encoder normalises every
-token before pooling; a fine-tuned classifier's ``fc_norm`` normalises the pooled vector).
-The model runs in eval mode, in float32, image by image independent of the batch, so an image
-gets the same vector whichever process or batch computed it.
+output: ``avg`` (the mean of the patch tokens, the classifier's default) or ``token`` (the
+class token); without ``--pool``, a fine-tuned run's own pooling, else ``avg``. It comes after
+the encoder's final norm as it was trained (a pretraining encoder normalises every token before
+pooling; a fine-tuned classifier's ``fc_norm`` normalises the pooled vector).
+The model runs in eval mode and in float32, so an image gets the same vector (to float rounding)
+whichever process or batch computed it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _run_dir_of(init: str) -> Path | None:
 class Encoder:
     """A timm ViT without head: ``vectors(images)`` -> (B, D) pooled features."""
 
-    def __init__(self, init: str, init_file: str = "", pool: str = "avg",
+    def __init__(self, init: str, init_file: str = "", pool: str = "",
                  overrides: list[str] | None = None, device: str | torch.device = "cpu") -> None:
         run_dir = _run_dir_of(init)
         if run_dir is not None:
@@ -53,10 +54,12 @@ class Encoder:
             arch = [f"model.arch={init[len('timm:'):]}"] if init.startswith("timm:") else []
             cfg = load_config(None, ["data.synthetic=true", *arch, *(overrides or [])],
                               job="pretrain")
+        self.pool = pool or getattr(cfg.model, "global_pool", "avg")  # a classifier's own
         state, _, _ = read_init_state(init, init_file)
         has_fc_norm = any(k.split(".")[-2:-1] == ["fc_norm"] for k in state)
         del state
-        self.vit = create_vit(cfg.model, num_classes=0, global_pool=pool, fc_norm=has_fc_norm)
+        self.vit = create_vit(cfg.model, num_classes=0, global_pool=self.pool,
+                              fc_norm=has_fc_norm)
         self.report = load_encoder_init(self.vit, init, init_file)
         if self.report.loaded == 0:
             raise ConfigError(f"--init: {self.report.source} holds no weights of this encoder")
@@ -79,7 +82,7 @@ class Encoder:
 
 
 def embed(init: str, images: list[str], out: str | Path, *, init_file: str = "",
-          pool: str = "avg", split: str = "", batch_size: int = 32, num_workers: int = 2,
+          pool: str = "", split: str = "", batch_size: int = 32, num_workers: int = 2,
           overrides: list[str] | None = None) -> int:
     """Write ``out`` (parquet: path, label when the inputs have one, vector); the exit status
     (1 when some images could not be read)."""
@@ -113,6 +116,6 @@ def embed(init: str, images: list[str], out: str | Path, *, init_file: str = "",
             table = table.replace_schema_metadata({"class_names": ",".join(source.classes)})
         out.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, out)
-        print(f"wrote {len(rows)} vectors of {encoder.dim} ({pool} pooling) to {out}")
+        print(f"wrote {len(rows)} vectors of {encoder.dim} ({encoder.pool} pooling) to {out}")
     state.wait_for_everyone()
     return report_unreadable(unreadable, len(source))
