@@ -22,6 +22,7 @@ LAYERS: list[list[str]] = [
     ["mim.methods"],  # one file per pretraining method, on the encoder
     ["mim.config"],  # the jobs' schemas and loading
     ["mim.engine"],
+    ["mim.inference"],  # load_model, predict, embed, export: using what the engine trained
     ["mim.cli", "mim.bench", "mim.__main__", "mim"],
 ]
 
