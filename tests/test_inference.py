@@ -227,3 +227,29 @@ def test_bad_inputs_are_one_line_exit_2(inference_runs, tmp_path, capsys):
         rc = main(argv)
         err = capsys.readouterr().err
         assert rc == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_predict_scores_a_labeled_detection_set_as_evaluate(inference_runs, tmp_path, capsys):
+    """The run's validation split written as a COCO folder: predict --labels coco gives the
+    metrics of mim evaluate."""
+    from mim.data.detection_sources import coco_ground_truth
+
+    run = inference_runs / "det"
+    cfg = load_config(run / "config.yaml", job="detect")
+    source = build_detection_source(cfg.data, cfg.model.img_size, cfg.run.seed,
+                                    cfg.data.val_split)
+    gt = coco_ground_truth(source)
+    (tmp_path / "set" / "images" / "val").mkdir(parents=True)
+    (tmp_path / "set" / "annotations").mkdir()
+    for i, image in enumerate(gt["images"]):
+        image["file_name"] = f"{image['id']}.png"
+        source.load(i)[0].save(tmp_path / "set" / "images" / "val" / image["file_name"])
+    (tmp_path / "set" / "annotations" / "instances_val.json").write_text(json.dumps(gt))
+    want = evaluate_detections_run(run)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["predict", "--run", str(run), "--images", str(tmp_path / "set"), "--labels",
+                 "coco", "--split", "val", "--out", str(out), "--num-workers", "0"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got == pytest.approx({k: want[k] for k in got}, abs=1e-6)
+    assert set(got) >= {"map", "map_50"} and (out / "metrics.json").is_file()

@@ -28,6 +28,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--draw", action="store_true", help="detector: one picture per image")
     pr.add_argument("--score-thresh", type=float, default=0.5,
                     help="detector: the lowest score drawn")
+    pr.add_argument("--labels", choices=("coco", "yolo", "hf"), default="",
+                    help="detector: --images is a labeled detection set in this data.format; "
+                         "score it as mim evaluate does")
     em = sub.add_parser("embed", help="one vector per image from the encoder of any init")
     em.add_argument("--init", required=True,
                     help="a mim run or weights file, an MAE/BEiT .pth, or timm:<name>")
@@ -54,7 +57,8 @@ def run_command(args: argparse.Namespace) -> int:
 
         return predict(args.run, args.images, args.out, split=args.split,
                        batch_size=args.batch_size, num_workers=args.num_workers,
-                       topk=args.topk, draw=args.draw, score_thresh=args.score_thresh)
+                       topk=args.topk, draw=args.draw, score_thresh=args.score_thresh,
+                       labels_format=args.labels)
     if args.command == "embed":
         from mim.inference.embed import embed
 

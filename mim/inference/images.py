@@ -92,7 +92,7 @@ class PreparedImage:
 
     index: int  # position in the inputs
     path: str
-    label: int | None
+    label: Any  # a class id, a detection set's Annotations, or None
     size: tuple[int, int] | None  # (width, height) of the original image
     item: Any = None  # what the model's ``preprocess`` returned
     error: str = ""

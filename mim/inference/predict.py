@@ -4,7 +4,9 @@ Classification writes a CSV (path, then the top-k class names and probabilities)
 inputs carry the run's classes it also scores them with the metrics ``mim evaluate`` reports
 (``<out>.metrics.json``). Detection writes ``predictions.json`` (COCO results, original
 pixels; image ids are the inputs' positions + 1) beside ``images.json`` (the COCO ``images``
-and ``categories`` those ids refer to) and, with ``--draw``, one picture per image.
+and ``categories`` those ids refer to) and, with ``--draw``, one picture per image; a labeled
+detection set (``--labels coco|yolo|hf``) keeps its image ids and is scored with COCOeval as
+``mim evaluate`` scores (``metrics.json``).
 Under ``accelerate launch`` every process predicts its share and the main process writes.
 """
 
@@ -20,23 +22,31 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from mim.config import ConfigError
+from mim.data.detection_sources import build_detection_source, coco_ground_truth
 from mim.engine.run import process_state
 from mim.inference.images import (PreparedImage, open_images, process_shard, report_unreadable,
                                   run_label_map)
-from mim.inference.model import LoadedClassifier, LoadedDetector, load_model
+from mim.inference.model import LoadedClassifier, LoadedDetector, load_model, run_config
 from mim.metrics import ClassificationEvaluator
-from mim.metrics.detection import to_coco_results
+from mim.metrics.detection import METRIC_KEYS, CocoDetectionEvaluator, to_coco_results
 from mim.viz import draw_predictions
 
 
 def predict(run: str | Path, images: list[str], out: str | Path, *, split: str = "",
             batch_size: int = 32, num_workers: int = 2, topk: int = 5, draw: bool = False,
-            score_thresh: float = 0.5) -> int:
+            score_thresh: float = 0.5, labels_format: str = "") -> int:
     """Predict ``images`` with the run's model into ``out``; the exit status (1 when some
-    images could not be read, 0 otherwise)."""
+    images could not be read, 0 otherwise). ``labels_format`` (detector): ``images`` is one
+    detection dataset folder in that ``data.format``, scored as ``mim evaluate`` scores."""
     state = process_state()
     model = load_model(run, state.device)
-    source = open_images(images, split)
+    if labels_format and isinstance(model, LoadedDetector):
+        source: Any = detection_dataset(model, images, labels_format, split)
+    elif labels_format:
+        raise ConfigError("--labels: a classifier reads labels from class sub-folders or a "
+                          "labeled set, without --labels")
+    else:
+        source = open_images(images, split)
     out = Path(out)
     if isinstance(model, LoadedClassifier):
         if out.suffix.lower() != ".csv":
@@ -58,10 +68,12 @@ def predict(run: str | Path, images: list[str], out: str | Path, *, split: str =
         state.wait_for_everyone()
         rows, unreadable = process_shard(
             source, model.preprocess,
-            lambda batch: _detect(model, batch, source, out if draw else None, score_thresh),
+            lambda batch: _detect(model, batch, source, out if draw else None, score_thresh,
+                                  bool(labels_format)),
             batch_size=batch_size, num_workers=num_workers, desc="predict")
         if state.is_main_process:
-            _write_detections(model, rows, out)
+            _write_detections(model, rows, out,
+                              coco_ground_truth(source) if labels_format else None)
     state.wait_for_everyone()
     return report_unreadable(unreadable, len(source))
 
@@ -101,10 +113,11 @@ def _write_classes(model: LoadedClassifier, rows: list[dict[str, Any]], out: Pat
 
 
 def _detect(model: LoadedDetector, batch: list[PreparedImage], source: Any,
-            draw_dir: Path | None, score_thresh: float) -> list[dict[str, Any]]:
+            draw_dir: Path | None, score_thresh: float, labeled: bool) -> list[dict[str, Any]]:
     rows = []
     for p, det in zip(batch, model.detect([p.item for p in batch])):
-        rows.append({"index": p.index, "path": p.path, "size": p.size,
+        image_id = p.label.image_id if labeled else p.index + 1  # labeled: Annotations
+        rows.append({"index": p.index, "image_id": image_id, "path": p.path, "size": p.size,
                      "boxes": det.boxes.tolist(), "scores": det.scores.tolist(),
                      "class_ids": det.class_ids.tolist()})
         if draw_dir is not None:  # small images enlarged so that the names stay readable
@@ -118,14 +131,30 @@ def _detect(model: LoadedDetector, batch: list[PreparedImage], source: Any,
     return rows
 
 
-def _write_detections(model: LoadedDetector, rows: list[dict[str, Any]], out: Path) -> None:
+def detection_dataset(model: LoadedDetector, images: list[str], fmt: str, split: str) -> Any:
+    """The labeled detection set at ``images[0]`` (a ``data.path`` in ``data.format`` ``fmt``),
+    read as the run reads its own data."""
+    if len(images) != 1:
+        raise ConfigError("--labels: --images must name one dataset folder")
+    cfg = run_config(model.run_dir, "detect", [f"data.path={images[0]}", f"data.format={fmt}",
+                                               "data.name=", "data.synthetic=false"])
+    source = build_detection_source(cfg.data, cfg.model.img_size, cfg.run.seed,
+                                    split or cfg.data.val_split)
+    if list(source.classes) != model.class_names:
+        raise ConfigError(f"--images: its classes {list(source.classes)[:5]}... are not the "
+                          f"run's {model.class_names[:5]}...")
+    return source
+
+
+def _write_detections(model: LoadedDetector, rows: list[dict[str, Any]], out: Path,
+                      ground_truth: dict[str, Any] | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for r in rows:
-        results += to_coco_results(r["index"] + 1, torch.tensor(r["boxes"]).view(-1, 4),
+        results += to_coco_results(r["image_id"], torch.tensor(r["boxes"]).view(-1, 4),
                                    torch.tensor(r["scores"]), torch.tensor(r["class_ids"]),
                                    model.category_ids)
-    images = [{"id": r["index"] + 1, "file_name": r["path"], "width": r["size"][0],
+    images = [{"id": r["image_id"], "file_name": r["path"], "width": r["size"][0],
                "height": r["size"][1]} for r in rows]
     categories = [{"id": cid, "name": name}
                   for cid, name in zip(model.category_ids, model.class_names)]
@@ -134,3 +163,9 @@ def _write_detections(model: LoadedDetector, rows: list[dict[str, Any]], out: Pa
                                                  "categories": categories}) + "\n")
     print(f"wrote {len(results)} detections on {len(rows)} images to {out}/predictions.json "
           f"(image ids in {out}/images.json)")
+    if ground_truth is not None:
+        evaluator = CocoDetectionEvaluator(ground_truth, model.config.eval.pr_score_thresh)
+        evaluator.update(results)
+        metrics = evaluator.compute()
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(json.dumps({k: metrics[k] for k in METRIC_KEYS}))
