@@ -14,7 +14,7 @@ from mim.config import ConfigError, load_config
 from mim.data.detection import detection_transform, pad_collate
 from mim.data.detection_sources import (CocoSource, HFDetectionSource, SyntheticDetection,
                                         YoloSource, build_detection_source, coco_ground_truth)
-from mim.engine.detect import _to_original
+from mim.engine.detect import to_original_pixels
 from tests.conftest import SHARED_DATA
 
 MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
@@ -62,7 +62,7 @@ def test_resize_round_trip_to_original_pixels():
     out = detection_transform(64, False, MEAN, STD)(_sample(img, boxes))
     h, w = out["image"].shape[1:]
     assert max(h, w) == 64
-    back = _to_original({"boxes": out["boxes"]}, torch.tensor([h, w]), torch.tensor([201, 333]))
+    back = to_original_pixels({"boxes": out["boxes"]}, torch.tensor([h, w]), torch.tensor([201, 333]))
     assert torch.allclose(back, boxes, atol=1e-3)
     twice = v2.RandomHorizontalFlip(1.0)(v2.RandomHorizontalFlip(1.0)(_sample(img, boxes)))
     assert torch.equal(twice["boxes"].as_subclass(torch.Tensor), boxes)
