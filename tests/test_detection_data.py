@@ -62,7 +62,8 @@ def test_resize_round_trip_to_original_pixels():
     out = detection_transform(64, False, MEAN, STD)(_sample(img, boxes))
     h, w = out["image"].shape[1:]
     assert max(h, w) == 64
-    back = to_original_pixels({"boxes": out["boxes"]}, torch.tensor([h, w]), torch.tensor([201, 333]))
+    back = to_original_pixels({"boxes": out["boxes"]}, torch.tensor([h, w]),
+                              torch.tensor([201, 333]))
     assert torch.allclose(back, boxes, atol=1e-3)
     twice = v2.RandomHorizontalFlip(1.0)(v2.RandomHorizontalFlip(1.0)(_sample(img, boxes)))
     assert torch.equal(twice["boxes"].as_subclass(torch.Tensor), boxes)
