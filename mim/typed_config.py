@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -83,6 +84,27 @@ def build(cls: type, raw: Any) -> Any:
 def plain(obj: Any) -> Any:
     """A dataclass instance as plain dicts, lists and scalars (YAML-safe)."""
     return _plain(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj)
+
+
+def check_finite_floats(obj: Any, prefix: str = "") -> None:
+    """Every float of a dataclass instance (and in its tuples, lists and mappings) is finite: an
+    inf or NaN learning rate, decay or ratio would run on without an error."""
+    for f in dataclasses.fields(obj):
+        _check_finite_value(getattr(obj, f.name), f"{prefix}{f.name}")
+
+
+def _check_finite_value(value: Any, key: str) -> None:
+    if dataclasses.is_dataclass(value):
+        check_finite_floats(value, key + ".")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_finite_value(v, key)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite_value(k, key)
+            _check_finite_value(v, f"{key}.{k}")
 
 
 def _parse_scalar(text: str) -> Any:

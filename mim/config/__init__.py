@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from mim.config.common import (ClipGradConfig, JobConfig, LoopConfig, OptimConfig, RunConfig,
-                               TrackingConfig)
+                               TrackingConfig, check_run_name)
 from mim.config.compare import CompareConfig, CompareRunConfig
 from mim.config.detect import (DetectConfig, DetectDataConfig, DetectEvalConfig,
                                DetectLossConfig, DetectModelConfig, DetectOptimConfig,
@@ -31,7 +31,7 @@ from mim.data.config import DataConfig
 from mim.errors import ConfigError, RunError
 from mim.methods import MethodConfig
 from mim.models.encoder import ModelConfig
-from mim.typed_config import apply_overrides, build, read_yaml
+from mim.typed_config import apply_overrides, build, check_finite_floats, read_yaml
 
 SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig,
                             "detect": DetectConfig, "compare": CompareConfig}
@@ -59,6 +59,8 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 def config_from_dict(d: dict[str, Any], job: str = "pretrain") -> Any:
     """Rebuild a validated config from its ``to_dict()`` form (as stored in checkpoints)."""
     cfg = build(SCHEMAS[job], d)
+    check_finite_floats(cfg)
+    check_run_name(cfg.run.name)
     cfg.validate()
     return cfg
 

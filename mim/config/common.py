@@ -78,6 +78,15 @@ def check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def check_run_name(name: str) -> None:
+    """``run.name`` is one folder inside ``run.output_dir``: a single path component that is not
+    '.' or '..' (which would put the run into ``output_dir`` itself or its parent)."""
+    check(bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+          and name.strip() == name,
+          f"config key 'run.name' must be one folder name (not '.', '..' or empty; no '/', '\\', "
+          f"NUL or surrounding spaces), got {name!r}")
+
+
 def validate_common(cfg: JobConfig) -> None:
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
     check(m.img_size > 0, f"config key 'model.img_size' must be positive, got {m.img_size}")
@@ -120,8 +129,6 @@ def validate_common(cfg: JobConfig) -> None:
     check(cfg.run.resume in ("auto", "none") or Path(cfg.run.resume).exists(),
            f"config key 'run.resume' must be 'auto', 'none' or an existing checkpoint, "
            f"got {cfg.run.resume!r}")
-    check(bool(cfg.run.name) and "/" not in cfg.run.name,
-           f"config key 'run.name' must be a non-empty name without '/', got {cfg.run.name!r}")
 
 
 def validate_init(cfg: Any) -> None:

@@ -35,8 +35,6 @@ class CompareConfig(JobConfig):
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        check(bool(self.run.name) and "/" not in self.run.name,
-               f"config key 'run.name' must be a non-empty name without '/', got {self.run.name!r}")
         check(bool(self.inits), "config key 'inits' must name at least one init (name: init)")
         for name, init in self.inits.items():
             check(bool(name) and all(c.isalnum() or c in "-_." for c in name),
