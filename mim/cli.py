@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from mim.checkpoint import UnsafeCheckpoint
+from mim.checkpoint import CheckpointError
 from mim.config import ConfigError, RunError, load_config
 from mim.inference.commands import COMMANDS as INFERENCE_COMMANDS
 from mim.inference.commands import add_commands as add_inference_commands
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mim: error: {e}", file=sys.stderr)
         return 2
-    except (RunError, UnsafeCheckpoint) as e:
+    except (RunError, CheckpointError) as e:
         print(f"mim: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -58,19 +58,21 @@ def compare(cmp: CompareConfig) -> Path:
     """Run (or resume) every cell of ``cmp`` and write the report; returns the run directory."""
     state = process_state()
     run_dir = cmp.run_dir
-    if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cmp, run_dir / "config.yaml")
     base = cell_config(cmp, Cell(next(iter(cmp.inits)), cmp.label_fractions[0], cmp.seeds[0]))
     notes = check_architectures(cmp, base)  # before any training
     cells = [Cell(name, f, s) for f in cmp.label_fractions for s in cmp.seeds for name in cmp.inits]
+    for cell in cells:  # every check that can refuse the comparison before it writes anything
+        if (cell_config(cmp, cell).run_dir / "summary.json").is_file():
+            _check_same_recipe(cell_config(cmp, cell), cell)
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cmp, run_dir / "config.yaml")
     from mim.engine.finetune import finetune
 
     timings_path = run_dir / "timings.json"
     for i, cell in enumerate(cells, 1):
         cfg = cell_config(cmp, cell)
         if (cfg.run_dir / "summary.json").is_file():
-            _check_same_recipe(cfg, cell)
             state.print(f"[{i}/{len(cells)}] skip {cell.name}: finished ({cfg.run_dir}/summary.json)")
             continue
         state.print(f"[{i}/{len(cells)}] run {cell.name}: init={cmp.inits[cell.init_name]}, "

@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from mim.config import JobConfig
+from mim.config import JobConfig, save_config
 from mim.data.loader import sample_seed
 from mim.engine.accounting import Throughput
 from mim.engine.data_issues import record_bad_samples, record_label_issues
@@ -80,10 +80,12 @@ def start_loop(acc, cfg: JobConfig, run_dir: Path, model: torch.nn.Module,
     Returns ``(model, optimizer, state, metrics, resumed)``; a resumed log is cut back to the
     lines its checkpoint had seen."""
     model, optimizer = acc.prepare(model, optimizer)
-    state, resume_from = LoopState(), resolve_resume(cfg, run_dir)
+    state, resume_from = LoopState(), resolve_resume(acc, cfg, run_dir)
     if resume_from is not None:
         state = restore_training_state(acc, cfg, resume_from, model, optimizer)
-        acc.print(f"resumed from {resume_from} at update {state.step}, epoch {state.epoch}")
+        acc.print(f"resumed from {resume_from[0]} at update {state.step}, epoch {state.epoch}")
+    if acc.is_main_process:  # only now: a refused resume leaves the run directory as it was
+        save_config(cfg, run_dir / "config.yaml")
     start_tracking(acc, cfg, run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
                          state if resume_from is not None else None)

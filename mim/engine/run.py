@@ -15,7 +15,8 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env
 
-from mim.config import JobConfig, save_config
+from mim.checkpoint import recover_checkpoints
+from mim.config import JobConfig
 from mim.engine.tracking import tracker_init_kwargs
 from mim.errors import ConfigError
 
@@ -51,6 +52,8 @@ def run_job(cfg: JobConfig, body: Callable[[Accelerator, JobConfig, Path], Path]
 
 
 def prepare_run_dir(acc: Accelerator, cfg: JobConfig) -> Path:
+    """Create and lock the run directory; nothing else is written into it here: its config.yaml
+    and log are written by :func:`mim.engine.loop.start_loop` once a resume has been accepted."""
     run_dir = cfg.run_dir
     if acc.is_main_process:
         try:
@@ -61,7 +64,7 @@ def prepare_run_dir(acc: Accelerator, cfg: JobConfig) -> Path:
         except OSError as e:
             raise ConfigError(f"config key 'run.output_dir': cannot write to {run_dir} ({e})")
         RunLock.acquire(run_dir)
-        save_config(cfg, run_dir / "config.yaml")
+        recover_checkpoints(run_dir / "checkpoints")
     acc.wait_for_everyone()
     return run_dir
 

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from mim.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mim.checkpoint import (check_finite_weights, load_checkpoint, load_latest_usable,
+                            save_checkpoint)
 from mim.config import JobConfig
 from mim.errors import ConfigError
 
@@ -26,18 +27,22 @@ class LoopState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_resume(cfg: JobConfig, run_dir: Path) -> Path | None:
+def resolve_resume(acc: Accelerator, cfg: JobConfig, run_dir: Path
+                   ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The checkpoint to resume from, loaded: ``run.resume=auto`` takes the newest that loads
+    (newer unreadable ones are reported and set aside), a folder must load."""
     mode = cfg.run.resume
     if mode == "none":
         return None
     if mode == "auto":
-        return latest_checkpoint(run_dir / "checkpoints")
-    return Path(mode)
+        return load_latest_usable(run_dir / "checkpoints", acc.is_main_process, acc.print)
+    return (Path(mode), *load_checkpoint(Path(mode)))
 
 
 def save_training_state(acc: Accelerator, cfg: JobConfig, run_dir: Path, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, scheduler: Any, state: LoopState) -> None:
     model_state = acc.get_state_dict(model)
+    check_finite_weights(model_state, state.step)  # on every process: all of them stop
     if acc.is_main_process:
         scaler = acc.scaler.state_dict() if acc.scaler is not None else {}
         rng = {"torch": torch.get_rng_state()}
@@ -72,9 +77,9 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def restore_training_state(acc: Accelerator, cfg: JobConfig, path: Path, model: torch.nn.Module,
-                           optimizer: torch.optim.Optimizer) -> LoopState:
-    model_state, train_state = load_checkpoint(path)
+def restore_training_state(acc: Accelerator, cfg: JobConfig, loaded: tuple[Path, dict, dict],
+                           model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LoopState:
+    path, model_state, train_state = loaded
     # The schedule is recomputed from the current config (a pure function of the update index),
     # so a resume that changes train.epochs follows the new schedule; say what changed.
     changed = config_diff(train_state["config"], cfg.to_dict())
