@@ -180,14 +180,35 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise UnsafeCheckpoint(f"{path / 'state.pt'} holds pickled objects other than tensors and "
                                f"plain values; refused without running them "
                                f"({_first_line(e)[:200]})") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - torch.load fails many ways; all mean "unreadable"
         raise UnreadableCheckpoint(f"{path / 'state.pt'} is unreadable ({type(e).__name__}: "
                                    f"{_first_line(e)[:160]})") from None
-    version = train_state.get("format_version") if isinstance(train_state, dict) else None
-    if version != FORMAT_VERSION:
-        raise UnreadableCheckpoint(f"checkpoint {path} has format version {version}, "
-                                   f"this mim reads version {FORMAT_VERSION}")
+    _check_train_state(train_state, path / "state.pt")
     return model_state, train_state
+
+
+_SECTIONS = {"config": dict, "loop": dict, "optimizer": dict, "scheduler": dict}
+_LOOP_INTS = ("step", "epoch", "update_in_epoch", "images_seen", "bad_samples")
+
+
+def _check_train_state(state: Any, path: Path) -> None:
+    """The layout :func:`save_checkpoint` writes, so that a foreign or hand-edited file is one
+    error here instead of a KeyError deep in the resume."""
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != FORMAT_VERSION:
+        raise UnreadableCheckpoint(f"checkpoint {path.parent} has format version {version}, "
+                                   f"this mim reads version {FORMAT_VERSION}")
+    for key, kind in _SECTIONS.items():
+        if not isinstance(state.get(key), kind):
+            raise UnreadableCheckpoint(f"{path} is not a mim training state (no '{key}' section)")
+    loop = state["loop"]
+    if set(loop) - {*_LOOP_INTS, "extra"} or not all(
+            isinstance(loop.get(k, 0), int) for k in _LOOP_INTS) \
+            or not isinstance(loop.get("extra", {}), dict):
+        raise UnreadableCheckpoint(f"{path} is not a mim training state (its 'loop' section: "
+                                   f"{sorted(loop)[:6]})")
+    if not {"state", "param_groups"} <= set(state["optimizer"]):
+        raise UnreadableCheckpoint(f"{path} is not a mim training state (its optimizer section)")
 
 
 def load_latest_usable(ckpt_root: Path, set_aside: bool, warn: Callable[[str], None]

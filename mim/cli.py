@@ -19,6 +19,7 @@ from mim.checkpoint import CheckpointError
 from mim.config import ConfigError, RunError, load_config
 from mim.inference.commands import COMMANDS as INFERENCE_COMMANDS
 from mim.inference.commands import add_commands as add_inference_commands
+from mim.typed_config import read_yaml
 
 # command -> (config schema, "module:function" run with the validated config, help)
 CONFIG_COMMANDS = {
@@ -67,10 +68,7 @@ def finetune_task(config: str | Path | None, overrides: list[str]) -> str:
     "classify" when it names none."""
     task = "classify"
     if config and Path(config).is_file():
-        try:
-            raw = yaml.safe_load(Path(config).read_text())
-        except yaml.YAMLError:
-            raw = None  # load_config reports it
+        raw = read_yaml(config)
         if isinstance(raw, dict) and "task" in raw:
             task = str(raw["task"])
     for item in overrides:

@@ -50,15 +50,56 @@ def tagged(tag: str, default: str, choices: Callable[[], Mapping[str, type]],
                              metadata={_TAGGED: spec})
 
 
+def read_text(path: str | os.PathLike, what: str = "config file") -> str:
+    """A file as UTF-8 text; ``what`` says what the file is for in the error."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} {p}: cannot read it ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {p} is not UTF-8 text (byte {e.start}, line {line})") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: str | os.PathLike, what: str = "config file") -> Any:
+    """A YAML file's value (safe types only, no key twice); any malformation is one error."""
+    text = read_text(path, what)
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: "
+                          f"{' '.join(str(e).split())[:300]}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path} is nested too deeply to read") from None
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML file holding a mapping (empty file: no keys)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    try:
-        loaded = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}")
+    loaded = load_yaml(p)
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):

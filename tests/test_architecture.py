@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mim"
 # package under mim/ ("mim" alone is the package's own __init__, the public entry point).
 LAYERS: list[list[str]] = [
     ["mim.typed_config"],  # generic typed YAML/dotlist loading; knows nothing of mim
-    ["mim.errors"],
+    ["mim.errors", "mim.files"],  # mim.files: user JSON files, one-line errors
     ["mim.patching", "mim.masking", "mim.hog", "mim.checkpoint"],
     ["mim.losses", "mim.viz"],
     ["mim.data"],

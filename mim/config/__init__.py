@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from mim.config.common import (ClipGradConfig, JobConfig, LoopConfig, OptimConfig, RunConfig,
-                               TrackingConfig, check_run_name)
+                               TrackingConfig, check_bounded_sizes, check_run_name)
 from mim.config.compare import CompareConfig, CompareRunConfig
 from mim.config.detect import (DetectConfig, DetectDataConfig, DetectEvalConfig,
                                DetectLossConfig, DetectModelConfig, DetectOptimConfig,
@@ -61,6 +61,7 @@ def config_from_dict(d: dict[str, Any], job: str = "pretrain") -> Any:
     cfg = build(SCHEMAS[job], d)
     check_finite_floats(cfg)
     check_run_name(cfg.run.name)
+    check_bounded_sizes(cfg)
     cfg.validate()
     return cfg
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -85,6 +86,32 @@ def check_run_name(name: str) -> None:
           and name.strip() == name,
           f"config key 'run.name' must be one folder name (not '.', '..' or empty; no '/', '\\', "
           f"NUL or surrounding spaces), got {name!r}")
+
+
+MAX_TOKENS = 2**18  # patches per image (a 512 x 512 grid)
+MAX_EXAMPLES = 10**8  # data.synthetic_size / data.num_examples
+
+
+def check_bounded_sizes(cfg: Any) -> None:
+    """Sizes that would exhaust memory or time while the run is built, before any message:
+    a patch grid beyond MAX_TOKENS, a ViT whose fp32 weights alone exceed this machine's memory,
+    a synthetic or streaming epoch beyond MAX_EXAMPLES images."""
+    m, d = getattr(cfg, "model", None), getattr(cfg, "data", None)
+    if m is not None and m.patch_size > 0:
+        tokens = (m.img_size // m.patch_size) ** 2
+        check(tokens <= MAX_TOKENS, f"config key 'model.img_size': {m.img_size} px in "
+                                    f"{m.patch_size} px patches is {tokens} patches per image, "
+                                    f"more than {MAX_TOKENS}")
+        if m.embed_dim or m.depth:
+            weights = 4 * 12 * (m.depth or 12) * (m.embed_dim or 768) ** 2
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            check(weights <= memory, f"config keys 'model.embed_dim'/'model.depth': a ViT of "
+                                     f"about {weights / 2**30:.0f} GiB of weights does not fit "
+                                     f"in this machine's {memory / 2**30:.0f} GiB")
+    if d is not None:
+        for key in ("synthetic_size", "num_examples"):
+            check(getattr(d, key, 0) <= MAX_EXAMPLES,
+                  f"config key 'data.{key}' must be at most {MAX_EXAMPLES}")
 
 
 def validate_common(cfg: JobConfig) -> None:

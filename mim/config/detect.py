@@ -87,6 +87,7 @@ class DetectConfig(JobConfig):
     task: Literal["detect"] = "detect"  # marks the file as a detection config
     init: str = "scratch"  # as fine-tuning: scratch | run | file | MAE/BEiT .pth | timm:<name>
     init_file: str = ""  # timm:<name> weights from a local file instead of a download
+    init_strict: bool = True  # an init filling < half of the encoder's tensors is an error
     run: RunConfig = field(default_factory=RunConfig)
     model: DetectModelConfig = field(default_factory=DetectModelConfig)
     data: DetectDataConfig = field(default_factory=DetectDataConfig)

@@ -87,6 +87,7 @@ class FinetuneTrainConfig(LoopConfig):
 class FinetuneConfig(JobConfig):
     init: str = "scratch"  # scratch | mim run dir | .safetensors | MAE/BEiT .pth | timm:<name>
     init_file: str = ""  # timm:<name> weights from a local file instead of a download
+    init_strict: bool = True  # an init filling < half of the encoder's tensors is an error
     run: RunConfig = field(default_factory=RunConfig)
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)

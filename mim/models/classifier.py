@@ -41,7 +41,7 @@ def build_classifier(cfg: Any, num_classes: int, load_init: bool = True
                      ) -> tuple[VisionTransformer, InitReport]:
     """The ViT classifier of a fine-tuning config, initialised and frozen as the recipe says."""
     vit = create_vit(cfg.model, **classifier_kwargs(cfg, num_classes))
-    report = (load_encoder_init(vit, cfg.init, cfg.init_file) if load_init
+    report = (load_encoder_init(vit, cfg.init, cfg.init_file, cfg.init_strict) if load_init
               else InitReport(kind="scratch", source=""))
     if report.kind == "scratch" or "head.weight" in report.missing:
         with torch.no_grad():  # a new head, small as in MAE; a loaded one of this size is kept

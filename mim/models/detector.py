@@ -268,7 +268,7 @@ def build_detector(cfg: Any, num_classes: int, load_init: bool = True
     ``cfg.init`` as in classification fine-tuning (position table resampled to the grid)."""
     m = cfg.model
     vit = create_vit(m)
-    report = (load_encoder_init(vit, cfg.init, cfg.init_file) if load_init
+    report = (load_encoder_init(vit, cfg.init, cfg.init_file, cfg.init_strict) if load_init
               else InitReport(kind="scratch", source=""))
     model = DenseDetector(vit, num_classes, m.pyramid_dim, tuple(m.pyramid_scales),
                           m.anchor_scale, m.anchor_octaves, tuple(m.anchor_ratios),

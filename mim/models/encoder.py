@@ -146,6 +146,11 @@ def create_vit(cfg: ModelConfig, num_classes: int = 0, **overrides) -> VisionTra
         vit = timm.create_model(cfg.arch, **kwargs)
     except RuntimeError as e:  # timm raises RuntimeError for unknown names
         raise ConfigError(f"config key 'model.arch': {e}") from None
+    except (TypeError, ValueError, AssertionError) as e:  # another family: no img_size, patches
+        raise ConfigError(f"config key 'model.arch' must name a timm VisionTransformer; "
+                          f"'{cfg.arch}' does not build as one ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})"
+                          ) from None
     if not isinstance(vit, VisionTransformer):
         raise ConfigError(f"config key 'model.arch' must name a timm VisionTransformer, "
                           f"'{cfg.arch}' builds {type(vit).__name__}")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.vision_transformer import VisionTransformer
@@ -38,6 +39,7 @@ from mim.checkpoint import latest_checkpoint
 from mim.errors import ConfigError
 
 StateDict = dict[str, torch.Tensor]
+MIN_INIT_SHARE = 0.5  # of the encoder's tensors an init must fill (unless init_strict=false)
 
 
 class InitError(ConfigError):
@@ -72,17 +74,21 @@ class InitReport:
         return dict(self.__dict__)
 
 
-def load_encoder_init(vit: VisionTransformer, init: str, init_file: str = "") -> InitReport:
-    """Load the weights ``init`` names into ``vit`` (in place) and say what happened."""
+def load_encoder_init(vit: VisionTransformer, init: str, init_file: str = "",
+                      strict: bool = True) -> InitReport:
+    """Load the weights ``init`` names into ``vit`` (in place) and say what happened; with
+    ``strict``, weights that fill less than MIN_INIT_SHARE of it are an error."""
     if init == "scratch":
         return InitReport(kind="scratch", source="")
     state, kind, source = read_init_state(init, init_file)
     state, dropped = to_timm_keys(state, vit)
     state, adapted, dropped_head = fit_to_model(state, vit)
     missing, unexpected = vit.load_state_dict(state, strict=False)
-    return InitReport(kind=kind, source=source, loaded=len(state) - len(unexpected),
-                      missing=list(missing), unexpected=list(unexpected),
-                      dropped=dropped + dropped_head, adapted=adapted)
+    report = InitReport(kind=kind, source=source, loaded=len(state) - len(unexpected),
+                        missing=list(missing), unexpected=list(unexpected),
+                        dropped=dropped + dropped_head, adapted=adapted)
+    check_init_share(report, vit, strict)
+    return report
 
 
 # ----------------------------------------------------------------------------- reading
@@ -98,8 +104,38 @@ def read_init_state(init: str, init_file: str = "") -> tuple[StateDict, str, str
         path = _weights_in_dir(path)
     if not path.is_file():
         raise InitError(f"config key 'init': no such file or folder: {init}")
-    state = load_file(str(path)) if path.suffix == ".safetensors" else load_weights_only(path)
+    state = load_safetensors(path) if path.suffix == ".safetensors" else load_weights_only(path)
+    check_init_tensors(state, path)
     return state, "mim" if from_run else _kind_of(state), str(path)
+
+
+def load_safetensors(path: Path) -> StateDict:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise InitError(f"config key 'init': {path} is not a readable safetensors file "
+                        f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else e!r})"
+                        ) from None
+
+
+def check_init_tensors(state: StateDict, path: Path) -> None:
+    """Weights with inf/NaN would train into NaN without another error: refused, named."""
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InitError(f"config key 'init': {path} holds inf/NaN values in '{key}'")
+
+
+def check_init_share(report: InitReport, vit: VisionTransformer, strict: bool) -> None:
+    """An init that fills less than MIN_INIT_SHARE of the encoder's tensors (keys of another
+    model, a wrong prefix) would quietly train from scratch; an error unless ``init_strict`` is
+    false."""
+    total = sum(1 for k in vit.state_dict() if not k.startswith("head."))
+    if not strict or report.kind == "scratch" or report.loaded >= MIN_INIT_SHARE * total:
+        return
+    sample = ", ".join(report.unexpected[:3]) or "none"
+    raise InitError(f"config key 'init': {report.source} filled {report.loaded} of the encoder's "
+                    f"{total} tensors (less than {MIN_INIT_SHARE:.0%}; its keys that fit nothing: "
+                    f"{sample}); set init_strict=false to train from it anyway")
 
 
 def _weights_in_dir(d: Path) -> Path:
@@ -126,10 +162,16 @@ def load_weights_only(path: Path) -> StateDict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if not found:  # bytes that are no pickle at all
+            raise InitError(f"config key 'init': {path} is not a readable torch file "
+                            f"(not a zip or pickle archive)") from None
         detail = f"it pickles {found.group(1)}" if found else str(e).strip().splitlines()[0][:160]
         raise InitError(f"config key 'init': {path} is not a weights-only checkpoint ({detail}); "
                         "mim does not unpickle code. Re-save its state dict "
                         "(torch.save(ckpt['model'], ...)) or convert it to safetensors") from None
+    except Exception as e:  # noqa: BLE001 - torch.load fails many ways; all mean "unreadable"
+        raise InitError(f"config key 'init': {path} is not a readable torch file "
+                        f"({type(e).__name__}: {str(e).strip()[:160]})") from None
     for key in ("model", "state_dict", "module", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

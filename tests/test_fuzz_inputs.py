@@ -1,0 +1,339 @@
+"""Malformed versions of every file a user hands mim, through the real CLI.
+
+Each variant must end in exit 0 with the bad record listed in ``data_issues.jsonl``, or a non-zero
+exit with one ``mim: error:`` line and no traceback, and leave every file outside the run
+directory byte-identical. Most variants run in-process through ``mim.cli.main`` (a subprocess
+costs seconds of imports); a few run as real subprocesses to prove the command-line path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from mim.cli import main
+from tests.conftest import REPO, TINY
+
+NAN, INF = float("nan"), float("inf")
+TINY_RUN = [a for a in TINY if not a.startswith("data.batch_size")] + [
+    "data.batch_size=4", "train.epochs=1", "train.max_steps=1", "run.resume=none"]
+TINY_FT = ["model.arch=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8",
+           "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "data.batch_size=4",
+           "data.num_workers=0", "tracking.backend=none", "train.epochs=1", "train.max_steps=1",
+           "run.resume=none"]
+TINY_DET = ["task=detect", "model.arch=vit_tiny_patch16_224", "model.img_size=32",
+            "model.patch_size=8", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+            "model.pyramid_dim=16", "model.pyramid_scales=[1,0.5]", "data.batch_size=2",
+            "data.num_workers=0", "tracking.backend=none", "train.epochs=1", "run.resume=none",
+            "data.val_split=train", "eval.vis_images=0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class Outcome:
+    code: int
+    err: str
+    crash: str = ""
+
+
+def run_mim(argv: list[str]) -> Outcome:
+    """``mim <argv>`` in this process: its exit code and stderr, or the traceback it escaped
+    with."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # noqa: BLE001 - exactly what the suite looks for
+            return Outcome(-1, err.getvalue(), traceback.format_exc())
+    return Outcome(code, err.getvalue())
+
+
+def tree_hashes(root: Path, skip: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and skip not in p.parents}
+
+
+def problem(out: Outcome, expect: str, runs: Path) -> str:
+    """'' when ``out`` is one of the two acceptable endings; else what is wrong."""
+    if out.crash:
+        return "traceback:\n" + out.crash[-1500:]
+    if "Traceback (most recent call last)" in out.err:
+        return "traceback on stderr:\n" + out.err[-1500:]
+    lines = [ln for ln in out.err.splitlines() if ln.startswith("mim: error:")]
+    if expect == "ok":
+        return "" if out.code == 0 else f"expected exit 0, got {out.code}: {out.err[-800:]}"
+    if expect == "error":
+        if out.code == 0 or len(lines) != 1:
+            return f"expected one 'mim: error:' line and a non-zero exit, got {out.code}: " \
+                   f"{out.err[-800:]}"
+        return ""
+    if out.code != 0:
+        return f"expected exit 0 with '{expect}' listed, got {out.code}: {out.err[-800:]}"
+    listed = "".join(p.read_text() for p in runs.rglob("data_issues.jsonl"))
+    return "" if expect in listed else f"'{expect}' not in data_issues.jsonl: {listed[:500]}"
+
+
+def check_all(tmp_path: Path, cases: dict[str, tuple[Callable[[Path], list[str]], str]]) -> None:
+    """Each case builds its files under ``tmp_path/<case>`` and returns the CLI arguments; runs
+    go to ``<case>/runs``. Collects every failure, then fails once listing them."""
+    failures = []
+    for name, (build, expect) in cases.items():
+        root = tmp_path / name
+        root.mkdir()
+        argv = build(root)
+        runs = root / "runs"
+        before = tree_hashes(root, runs)
+        own_run = argv[0] in ("evaluate-detections", "evaluate") or any(
+            a.startswith("run.output_dir=") for a in argv)
+        out = run_mim(argv if own_run else [*argv, f"run.output_dir={runs}", "run.name=r"])
+        why = problem(out, expect, runs)
+        if tree_hashes(root, runs) != before:
+            why += " | files outside the run directory changed"
+        if why:
+            failures.append(f"[{name}] {why}")
+    assert not failures, "\n\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- writing inputs
+
+
+def png(path: Path, size: int = 32, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def image_folder(root: Path, n: int = 8, classes: int = 0) -> Path:
+    for i in range(n):
+        sub = f"c{i % classes}/" if classes else ""
+        png(root / f"{sub}img{i}.png", seed=i)
+    return root
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+RANDOM = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+NOT_UTF8 = "model:\n  arch: vit_t\xe9\n".encode("latin-1")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def config_case(text: bytes | str) -> Callable[[Path], list[str]]:
+    """A pretraining config file over the tiny run's keys (those it sets itself left out)."""
+    def build(root: Path) -> list[str]:
+        cfg = write(root / "cfg.yaml", text)
+        keys = [*TINY_RUN, "data.synthetic=true", "data.synthetic_size=8",
+                f"run.output_dir={root / 'runs'}", "run.name=r"]
+        body = text if isinstance(text, str) else ""
+        keep = [k for k in keys if f" {k.split('=')[0].split('.')[-1]}:" not in body]
+        return ["pretrain", "--config", str(cfg), *keep]
+    return build
+
+
+def test_malformed_configs(tmp_path):
+    deep = "a: " + "[" * 50_000 + "]" * 50_000 + "\n"
+    check_all(tmp_path, {
+        "empty file is the defaults": (config_case(""), "ok"),
+        "not UTF-8": (config_case(NOT_UTF8), "error"),
+        "random bytes": (config_case(RANDOM), "error"),
+        "not YAML": (config_case("model: [1, 2\n"), "error"),
+        "a list, not sections": (config_case("- model\n"), "error"),
+        "a section that is a number": (config_case("model: 3\n"), "error"),
+        "a string for an int": (config_case("data:\n  num_examples: many\n"), "error"),
+        "a list for a float": (config_case("optim:\n  lr: [1, 2]\n"), "error"),
+        "NaN lr": (config_case("optim:\n  lr: .nan\n"), "error"),
+        "inf weight decay": (config_case("optim:\n  weight_decay: .inf\n"), "error"),
+        "inf beta": (config_case("optim:\n  betas: [0.9, .inf]\n"), "error"),
+        "NaN mask ratio": (config_case("method:\n  mask_ratio: .nan\n"), "error"),
+        "1e999 warmup": (config_case("optim:\n  min_lr: 1e999\n"), "error"),
+        "a key twice": (config_case("optim:\n  lr: 0.1\noptim:\n  lr: 0.2\n"), "error"),
+        "a nested key twice": (config_case("optim:\n  lr: 0.1\n  lr: 0.2\n"), "error"),
+        "50k nested lists": (config_case(deep), "error"),
+        "huge batch": (config_case("data:\n  batch_size: 1000000000000\n"), "error"),
+        "huge image": (config_case("model:\n  img_size: 1048576\n"), "error"),
+        "huge width": (config_case("model:\n  embed_dim: 10000000\n"), "error"),
+        "huge depth": (config_case("model:\n  depth: 100000000\n"), "error"),
+        "huge synthetic set": (config_case("data:\n  synthetic_size: 100000000000000\n"),
+                               "error"),
+        "arch not a ViT": (config_case("model:\n  arch: resnet18\n"), "error"),
+        "arch unknown": (config_case("model:\n  arch: no_such_net\n"), "error"),
+        "run name ..": (config_case("run:\n  name: ..\n"), "error"),
+    })
+
+
+def test_run_name_dot_dot_cannot_escape_output_dir(tmp_path):
+    """The data-loss case of round two: run.name=.. wrote into the parent of run.output_dir."""
+    parent = tmp_path / "mine"
+    write(parent / "config.yaml", "mine: 1\n")
+    write(parent / "metrics.jsonl", '{"step": 1}\n')
+    before = tree_hashes(parent, tmp_path / "none")
+    for name in ("..", ".", ""):
+        out = run_mim(["pretrain", *TINY_RUN, "data.synthetic=true",
+                       f"run.output_dir={parent / 'runs'}", f"run.name={name}"])
+        assert problem(out, "error", parent) == "" and "'run.name'" in out.err
+    assert tree_hashes(parent, tmp_path / "none") == before
+
+
+def test_cli_subprocess_reports_bad_files_in_one_line(tmp_path):
+    """The real command line: a config that is not UTF-8 and an init of random bytes."""
+    cfg = write(tmp_path / "cfg.yaml", NOT_UTF8)
+    init = write(tmp_path / "w.safetensors", RANDOM)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for argv in (["pretrain", "--config", str(cfg)],
+                 ["finetune", *TINY_FT, "data.synthetic=true", f"init={init}",
+                  f"run.output_dir={tmp_path / 'runs'}"]):
+        r = subprocess.run([sys.executable, "-m", "mim", *argv], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("mim: error:")]
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- init files
+
+
+def init_case(make: Callable[[Path], Path], *extra: str) -> Callable[[Path], list[str]]:
+    def build(root: Path) -> list[str]:
+        return ["finetune", *TINY_FT, "data.synthetic=true", "data.synthetic_size=16",
+                f"init={make(root)}", *extra]
+    return build
+
+
+def _tiny_encoder_state() -> dict[str, torch.Tensor]:
+    from mim.config import load_config
+    from mim.models.encoder import create_vit
+
+    return create_vit(load_config(None, TINY_FT + ["data.synthetic=true"], job="finetune").model
+                      ).state_dict()
+
+
+def test_malformed_init_files(tmp_path):
+    good = {k: v for k, v in _tiny_encoder_state().items() if not k.startswith("head.")}
+    good_bytes = None
+
+    def safetensors_of(state: dict, name: str = "w.safetensors") -> Callable[[Path], Path]:
+        def make(root: Path) -> Path:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(root / name))
+            return root / name
+        return make
+
+    def torch_file(obj) -> Callable[[Path], Path]:
+        def make(root: Path) -> Path:
+            torch.save(obj, root / "w.pth")
+            return root / "w.pth"
+        return make
+
+    def truncated(root: Path) -> Path:
+        nonlocal good_bytes
+        safetensors_of(good)(root)
+        good_bytes = (root / "w.safetensors").read_bytes()
+        return write(root / "w.safetensors", good_bytes[: len(good_bytes) // 2])
+
+    renamed = {f"other.{k}": v for k, v in good.items()}
+    nan = {**good, "cls_token": torch.full_like(good["cls_token"], NAN)}
+    check_all(tmp_path, {
+        "zero-byte .pth": (init_case(lambda r: write(r / "w.pth", b"")), "error"),
+        "random .pth": (init_case(lambda r: write(r / "w.pth", RANDOM)), "error"),
+        "zero-byte .safetensors": (init_case(lambda r: write(r / "w.safetensors", b"")), "error"),
+        "random .safetensors": (init_case(lambda r: write(r / "w.safetensors", RANDOM)), "error"),
+        "safetensors header claiming 2^60 bytes": (init_case(lambda r: write(
+            r / "w.safetensors", struct.pack("<Q", 2**60) + b"{}")), "error"),
+        "truncated .safetensors": (init_case(truncated), "error"),
+        "text named .pth": (init_case(lambda r: write(r / "w.pth", "hello\n")), "error"),
+        ".pth holding a list": (init_case(torch_file([1, 2, 3])), "error"),
+        ".pth of a tensor": (init_case(torch_file(torch.ones(3))), "error"),
+        "keys that match nothing": (init_case(safetensors_of(renamed)), "error"),
+        "keys that match nothing, init_strict=false": (
+            init_case(safetensors_of(renamed), "init_strict=false"), "ok"),
+        "NaN weights": (init_case(safetensors_of(nan)), "error"),
+        "a wrong shape": (init_case(safetensors_of({**good, "cls_token": torch.zeros(1, 1, 7)})),
+                          "error"),
+        "folder without weights": (init_case(lambda r: (r / "empty").mkdir() or r / "empty"),
+                                   "error"),
+        "the good file (control)": (init_case(safetensors_of(good)), "ok"),
+    })
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("ckpt")
+    assert main(["pretrain", *TINY_RUN, "data.synthetic=true", "data.synthetic_size=8",
+                 "train.max_steps=0", "train.save_every=1", "train.keep_last=2",
+                 f"run.output_dir={runs}", "run.name=src"]) == 0
+    return runs / "src"
+
+
+def test_malformed_checkpoints(tmp_path, finished_run):
+    import shutil
+
+    def resume_case(damage: Callable[[Path], None], auto: bool = False):
+        def build(root: Path) -> list[str]:
+            run = root / "runs" / "r"
+            shutil.copytree(finished_run, run)
+            newest = sorted((run / "checkpoints").iterdir())[-1]
+            damage(newest)
+            where = "auto" if auto else str(newest)
+            return ["pretrain", *TINY_RUN, "data.synthetic=true", "data.synthetic_size=8",
+                    f"run.output_dir={root / 'runs'}", "run.name=r", f"run.resume={where}",
+                    "train.max_steps=0"]
+        return build
+
+    def cut(name: str) -> Callable[[Path], None]:
+        return lambda ck: write(ck / name, (ck / name).read_bytes()[:100])
+
+    def state(obj) -> Callable[[Path], None]:
+        return lambda ck: torch.save(obj, ck / "state.pt")
+
+    def every(damage):
+        return lambda ck: [damage(c) for c in ck.parent.iterdir()]
+
+    check_all(tmp_path, {
+        "truncated state.pt": (resume_case(cut("state.pt")), "error"),
+        "truncated model.safetensors": (resume_case(cut("model.safetensors")), "error"),
+        "random state.pt": (resume_case(lambda ck: write(ck / "state.pt", RANDOM)), "error"),
+        "state.pt of another version": (resume_case(state({"format_version": 99})), "error"),
+        "state.pt without its keys": (resume_case(state({"format_version": 1})), "error"),
+        "state.pt with a wrong loop": (resume_case(state(
+            {"format_version": 1, "config": {}, "loop": {"step": "x", "bogus": 1},
+             "optimizer": {}, "scheduler": {}})), "error"),
+        "state.pt a list": (resume_case(state([1, 2])), "error"),
+        "auto, newest truncated (falls back)": (resume_case(cut("state.pt"), auto=True), "ok"),
+        "auto, every one truncated": (resume_case(every(cut("state.pt")), auto=True), "error"),
+    })
