@@ -135,13 +135,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except ConfigError as e:
-        print(f"mim: error: {e}", file=sys.stderr)
+        print(f"mim: error: {one_line(e)}", file=sys.stderr)
         return 2
     except (RunError, CheckpointError) as e:
-        print(f"mim: error: {e}", file=sys.stderr)
+        print(f"mim: error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
         _end_process_group()
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line. An error raised in a data-loader worker comes back
+    wrapped in the worker's traceback, whose last line is ``module.Class: message``."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 def _end_process_group() -> None:

@@ -87,7 +87,9 @@ def problem(out: Outcome, expect: str, runs: Path) -> str:
         return "traceback:\n" + out.crash[-1500:]
     if "Traceback (most recent call last)" in out.err:
         return "traceback on stderr:\n" + out.err[-1500:]
-    lines = [ln for ln in out.err.splitlines() if ln.startswith("mim: error:")]
+    # a progress bar redraws with \r: what follows it starts a line on the terminal
+    lines = [ln for ln in out.err.replace("\r", "\n").splitlines()
+             if ln.startswith("mim: error:")]
     if expect == "ok":
         return "" if out.code == 0 else f"expected exit 0, got {out.code}: {out.err[-800:]}"
     if expect == "error":
@@ -336,4 +338,185 @@ def test_malformed_checkpoints(tmp_path, finished_run):
         "state.pt a list": (resume_case(state([1, 2])), "error"),
         "auto, newest truncated (falls back)": (resume_case(cut("state.pt"), auto=True), "ok"),
         "auto, every one truncated": (resume_case(every(cut("state.pt")), auto=True), "error"),
+    })
+
+
+# ----------------------------------------------------------------------------- predictions
+
+
+GT = {"images": [{"id": 1, "width": 32, "height": 32}, {"id": 2, "width": 32, "height": 32}],
+      "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10],
+                       "area": 100, "iscrowd": 0},
+                      {"id": 2, "image_id": 2, "category_id": 2, "bbox": [5, 5, 20, 8],
+                       "area": 160, "iscrowd": 0}],
+      "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+PRED = [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "score": 0.9},
+        {"image_id": 2, "category_id": 2, "bbox": [5, 5, 20, 8], "score": 0.8}]
+
+
+def _with(base, path: tuple, value):
+    """A deep copy of ``base`` with the item at ``path`` replaced (or deleted for ...)."""
+    obj = json.loads(json.dumps(base))
+    *head, last = path
+    target = obj
+    for k in head:
+        target = target[k]
+    if value is ...:
+        del target[last]
+    else:
+        target[last] = value
+    return obj
+
+
+def eval_case(gt=GT, pred=PRED) -> Callable[[Path], list[str]]:
+    def build(root: Path) -> list[str]:
+        files = []
+        for name, obj in (("gt.json", gt), ("pred.json", pred)):
+            raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+            files.append(write(root / name, raw))
+        return ["evaluate-detections", "--gt", str(files[0]), "--pred", str(files[1])]
+    return build
+
+
+def test_malformed_predictions_and_ground_truth(tmp_path):
+    big_segm = _with(PRED, (0, "segmentation"), {"size": [10**9, 10**9], "counts": "0"})
+    check_all(tmp_path, {
+        "good files (control)": (eval_case(), "ok"),
+        "no detections": (eval_case(pred=[]), "ok"),
+        "NaN score": (eval_case(pred=_with(PRED, (0, "score"), NAN)), "error"),
+        "inf score": (eval_case(pred=_with(PRED, (1, "score"), INF)), "error"),
+        "string score": (eval_case(pred=_with(PRED, (0, "score"), "0.9")), "error"),
+        "no score": (eval_case(pred=_with(PRED, (0, "score"), ...)), "error"),
+        "NaN in a box": (eval_case(pred=_with(PRED, (0, "bbox", 2), NAN)), "error"),
+        "1e999 in a box": (eval_case(pred=b'[{"image_id": 1, "category_id": 1, '
+                                          b'"bbox": [1, 1, 1e999, 2], "score": 0.5}]'), "error"),
+        "negative width": (eval_case(pred=_with(PRED, (0, "bbox", 2), -5)), "error"),
+        "3-number box": (eval_case(pred=_with(PRED, (0, "bbox"), [1, 2, 3])), "error"),
+        "unknown image": (eval_case(pred=_with(PRED, (0, "image_id"), 99)), "error"),
+        "unknown category": (eval_case(pred=_with(PRED, (0, "category_id"), 99)), "error"),
+        "list as an image id": (eval_case(pred=_with(PRED, (0, "image_id"), [1])), "error"),
+        "entries not objects": (eval_case(pred=[1, 2]), "error"),
+        "an object, not a list": (eval_case(pred={"x": 1}), "error"),
+        "huge segmentation ignored": (eval_case(pred=big_segm), "ok"),
+        "predictions not JSON": (eval_case(pred=b"[{"), "error"),
+        "predictions empty file": (eval_case(pred=b""), "error"),
+        "predictions not UTF-8": (eval_case(pred=b'[{"\xff": 1}]'), "error"),
+        "predictions 100k nested lists": (eval_case(pred=b"[" * 100_000 + b"]" * 100_000),
+                                          "error"),
+        "integer of 5000 digits": (eval_case(pred=b"[" + b"9" * 5000 + b"]"), "error"),
+        "gt a list": (eval_case(gt=[GT]), "error"),
+        "gt without images": (eval_case(gt=_with(GT, ("images",), ...)), "error"),
+        "gt images an object": (eval_case(gt=_with(GT, ("images",), {"id": 1})), "error"),
+        "gt image without id": (eval_case(gt=_with(GT, ("images", 0, "id"), ...)), "error"),
+        "gt image id twice": (eval_case(gt=_with(GT, ("images", 1, "id"), 1)), "error"),
+        "gt annotation id twice": (eval_case(gt=_with(GT, ("annotations", 1, "id"), 1)),
+                                   "error"),
+        "gt NaN box": (eval_case(gt=_with(GT, ("annotations", 0, "bbox", 0), NAN)), "error"),
+        "gt unknown category": (eval_case(gt=_with(GT, ("annotations", 0, "category_id"), 7)),
+                                "error"),
+        "gt category without name": (eval_case(gt=_with(GT, ("categories", 0, "name"), ...)),
+                                     "error"),
+        "gt iscrowd 5": (eval_case(gt=_with(GT, ("annotations", 0, "iscrowd"), 5)), "error"),
+        "gt area NaN": (eval_case(gt=_with(GT, ("annotations", 0, "area"), NAN)), "error"),
+        "gt empty object": (eval_case(gt={}), "error"),
+        "gt not UTF-8": (eval_case(gt=b"\xff\xfe"), "error"),
+    })
+
+
+# ----------------------------------------------------------------------------- images, datasets
+
+
+def data_case(make: Callable[[Path], Path], *extra: str, job: str = "pretrain"):
+    keys = TINY_RUN if job == "pretrain" else TINY_FT
+
+    def build(root: Path) -> list[str]:
+        return [job, *keys, f"data.path={make(root)}", "data.batch_size=8",
+                "data.max_bad_fraction=0.5", *extra]
+    return build
+
+
+def folder_with(*bad: tuple[str, bytes]) -> Callable[[Path], Path]:
+    def make(root: Path) -> Path:
+        image_folder(root / "imgs", n=8 - len(bad))
+        for name, data in bad:
+            write(root / "imgs" / name, data)
+        return root / "imgs"
+    return make
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", 60000, 60000)  # IHDR claims 60000 x 60000
+    return bytes(data)
+
+
+def _dataset(root: Path, column: dict, fmt: str = "parquet") -> Path:
+    import datasets
+
+    ds = datasets.Dataset.from_dict(column)
+    if fmt == "parquet":
+        (root / "ds").mkdir()
+        ds.to_parquet(str(root / "ds" / "train-00000.parquet"))
+    else:
+        ds.save_to_disk(str(root / "ds"))
+    return root / "ds"
+
+
+def _damaged(fmt: str, damage: Callable[[Path], None]) -> Callable[[Path], Path]:
+    def make(root: Path) -> Path:
+        imgs = [{"bytes": (png(root / f"p{i}.png", seed=i)).read_bytes(), "path": None}
+                for i in range(8)]
+        import datasets
+
+        ds = datasets.Dataset.from_dict({"image": imgs}).cast_column("image", datasets.Image())
+        if fmt == "parquet":
+            (root / "ds").mkdir()
+            ds.to_parquet(str(root / "ds" / "train-00000.parquet"))
+        else:
+            ds.save_to_disk(str(root / "ds"))
+        damage(root / "ds")
+        return root / "ds"
+    return make
+
+
+def _cut(pattern: str, keep: int = 100) -> Callable[[Path], None]:
+    def damage(d: Path) -> None:
+        for f in d.rglob(pattern):
+            write(f, f.read_bytes()[:keep])
+    return damage
+
+
+def _replace(pattern: str, data: bytes) -> Callable[[Path], None]:
+    return lambda d: [write(f, data) for f in d.rglob(pattern)]
+
+
+def test_malformed_image_folders_and_datasets(tmp_path):
+    check_all(tmp_path, {
+        "zero-byte png": (data_case(folder_with(("zero.png", b""))), "zero.png"),
+        "truncated png": (data_case(folder_with(("cut.png", png(tmp_path / "x.png", 64)
+                                                  .read_bytes()[:200]))), "cut.png"),
+        "text named .jpg": (data_case(folder_with(("text.jpg", b"hello"))), "text.jpg"),
+        "decompression bomb header": (data_case(folder_with(("bomb.png", _bomb()))), "bomb.png"),
+        "all images bad": (data_case(folder_with(*[(f"b{i}.png", b"") for i in range(8)])),
+                           "error"),
+        "empty folder": (data_case(lambda r: (r / "e").mkdir() or r / "e"), "error"),
+        "no images, only text": (data_case(lambda r: write(r / "t" / "a.txt", "x").parent),
+                                 "error"),
+        "a plain file": (data_case(lambda r: write(r / "f.bin", RANDOM)), "error"),
+        "random bytes named .parquet": (data_case(lambda r: write(r / "d" / "train.parquet",
+                                                                  RANDOM).parent), "error"),
+        "truncated parquet": (data_case(_damaged("parquet", _cut("*.parquet"))), "error"),
+        "parquet without images": (data_case(lambda r: _dataset(r, {"x": [1, 2, 3]})), "error"),
+        "parquet image column of ints": (data_case(
+            lambda r: _dataset(r, {"image": list(range(8))})), "error"),
+        "save_to_disk, arrow file truncated": (data_case(_damaged("disk", _cut("*.arrow"))),
+                                               "error"),
+        "save_to_disk, state.json random": (data_case(_damaged("disk", _replace(
+            "state.json", RANDOM))), "error"),
+        "save_to_disk, dataset_info.json not JSON": (data_case(_damaged("disk", _replace(
+            "dataset_info.json", b"{"))), "error"),
+        "save_to_disk, arrow file gone": (data_case(_damaged("disk", lambda d: [
+            f.unlink() for f in d.glob("*.arrow")])), "error"),
     })

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from mim.config import RunError
 from mim.data.sources import UnreadableImage
 
 
@@ -92,7 +93,8 @@ class TransformedDataset(Dataset):
                 continue
             return {"image": x, "label": -1 if label is None else int(label), "index": i,
                     "bad": bad}
-        raise RuntimeError(f"16 consecutive unreadable samples from index {index}: {bad[:3]}")
+        raise RunError(f"16 unreadable images in a row from sample {index} (first: {bad[0][0]}: "
+                       f"{bad[0][1][:120]}); the data is mostly unreadable")
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,8 +7,10 @@ skip and count it instead of crashing the run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,14 +181,16 @@ def load_local(path: str, split: str) -> Any:
     p = Path(path)
     if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() \
             or (p / "state.json").exists():
-        return _pick_split(datasets.load_from_disk(str(p)), split, str(p))
+        with dataset_errors(p, "a save_to_disk dataset"):
+            return _pick_split(datasets.load_from_disk(str(p)), split, str(p))
     parquet = [str(f) for f in sorted(p.rglob("*.parquet"))] if p.is_dir() else (
         [str(p)] if p.suffix == ".parquet" else [])
     if parquet:
         # hub layout: <split>-*.parquet files or a <split>/ folder; otherwise one split of all
         named = [f for f in parquet if Path(f).stem == split or Path(f).name.startswith(
                  f"{split}-") or split in Path(f).relative_to(p).parts[:-1]] if p.is_dir() else []
-        return datasets.load_dataset("parquet", data_files=named or parquet, split="train")
+        with dataset_errors(p, "parquet files"):
+            return datasets.load_dataset("parquet", data_files=named or parquet, split="train")
     if not p.is_dir():
         raise ConfigError(f"config key 'data.path': {p} is not a folder or a parquet file")
     if (p / split).is_dir():  # <path>/<split>/... layouts (train/, val/, test/)
@@ -204,6 +208,20 @@ def load_local(path: str, split: str) -> Any:
             table["label"] = [names.index(r.parts[0]) for r in rel]
             features["label"] = datasets.ClassLabel(names=names)
     return datasets.Dataset.from_dict(table, features=datasets.Features(features))
+
+
+@contextlib.contextmanager
+def dataset_errors(path: Path, kind: str) -> Iterator[None]:
+    """Whatever ``datasets``/pyarrow raise on a corrupt, truncated or foreign file (ArrowInvalid,
+    JSON and Unicode errors, missing shards...) becomes one ConfigError naming the folder."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the libraries raise many kinds; all mean "unreadable"
+        first = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ConfigError(f"config key 'data.path': {path} is not readable as {kind} "
+                          f"({type(e).__name__}: {first})") from None
 
 
 def min_decode_size(image_size: int, min_crop_scale: float,

@@ -107,54 +107,55 @@ def run_epoch(acc, cfg: JobConfig, model: torch.nn.Module, optimizer: torch.opti
     model.train()
     bar = tqdm(total=updates, initial=state.update_in_epoch, desc=f"epoch {state.epoch}",
                disable=not acc.is_local_main_process, leave=False, dynamic_ncols=True)
-    while state.update_in_epoch < updates:
-        if t.max_steps and state.step >= t.max_steps:
-            bar.close()
-            return "max_steps"
-        if guards.stop.agreed(acc):
-            bar.close()
-            return "signal"
-        scheduler.step_update(state.step)
-        update: dict[str, torch.Tensor] = {}
-        for micro in range(accum):
-            batch = speed.wait_for(batches)
-            record_bad_samples(acc, run_dir, state, batch["bad"], guards.seen_bad,
-                               guards.max_bad, guards.max_bad_fraction)
-            if state.epoch == 0:  # each sample once: the first epoch reads every one once
-                record_label_issues(acc, run_dir, state, batch.get("issues", []), cfg.data.split)
-            seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
-            with acc.no_sync(model) if micro < accum - 1 else nullcontext():
-                loss, scalars, n = forward(batch)
-                acc.backward(loss / accum)
-            for k, v in {"loss": loss, **scalars}.items():
-                update[k] = update.get(k, 0.0) + v.detach().float() / accum
-            speed.add(n * acc.num_processes)
-        counted, grad_norm = finish_update(acc, cfg, optimizer, params, update["loss"], state,
-                                           guards.nonfinite, meta["global_batch"])
-        for k, v in update.items():  # every process has the same keys, counted or not
-            sums[k] = sums.get(k, torch.zeros((), device=acc.device)) + (v if counted else 0.0)
-        n_sum += int(counted)
-        bar.update(1)
-        if state.step % t.log_every == 0 or state.update_in_epoch == updates:
-            keys = list(sums)
-            total = acc.reduce(torch.stack([sums[k] for k in keys]
-                                           + [torch.tensor(float(n_sum), device=acc.device)]),
-                               reduction="sum")
-            num = total[-1].item()
-            rec = {"step": state.step, "epoch": state.epoch + state.update_in_epoch / updates}
-            rec.update({k: total[i].item() / num if num else float("nan")
-                        for i, k in enumerate(keys)})
-            rec.update({"lr": max(g["lr"] for g in optimizer.param_groups),
-                        "grad_norm": float(grad_norm), "images_per_s": speed.read(),
-                        "data_wait": speed.data_wait, "bad_samples": state.bad_samples,
-                        **(log_extra or {})})
-            metrics.write(rec)
-            acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=state.step)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
-            sums, n_sum = {}, 0
-        if state.step % t.save_every == 0 and guards.nonfinite.in_row == 0:
-            save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
-    bar.close()
+    try:  # the bar's line is cleared however the epoch ends (an error prints after it)
+        while state.update_in_epoch < updates:
+            if t.max_steps and state.step >= t.max_steps:
+                return "max_steps"
+            if guards.stop.agreed(acc):
+                return "signal"
+            scheduler.step_update(state.step)
+            update: dict[str, torch.Tensor] = {}
+            for micro in range(accum):
+                batch = speed.wait_for(batches)
+                record_bad_samples(acc, run_dir, state, batch["bad"], guards.seen_bad,
+                                   guards.max_bad, guards.max_bad_fraction)
+                if state.epoch == 0:  # each sample once: the first epoch reads every one once
+                    record_label_issues(acc, run_dir, state, batch.get("issues", []),
+                                        cfg.data.split)
+                seed_step(cfg.run.seed, acc.process_index, state.step * accum + micro)
+                with acc.no_sync(model) if micro < accum - 1 else nullcontext():
+                    loss, scalars, n = forward(batch)
+                    acc.backward(loss / accum)
+                for k, v in {"loss": loss, **scalars}.items():
+                    update[k] = update.get(k, 0.0) + v.detach().float() / accum
+                speed.add(n * acc.num_processes)
+            counted, grad_norm = finish_update(acc, cfg, optimizer, params, update["loss"], state,
+                                               guards.nonfinite, meta["global_batch"])
+            for k, v in update.items():  # every process has the same keys, counted or not
+                sums[k] = sums.get(k, torch.zeros((), device=acc.device)) + (v if counted else 0.0)
+            n_sum += int(counted)
+            bar.update(1)
+            if state.step % t.log_every == 0 or state.update_in_epoch == updates:
+                keys = list(sums)
+                total = acc.reduce(torch.stack([sums[k] for k in keys]
+                                               + [torch.tensor(float(n_sum), device=acc.device)]),
+                                   reduction="sum")
+                num = total[-1].item()
+                rec = {"step": state.step, "epoch": state.epoch + state.update_in_epoch / updates}
+                rec.update({k: total[i].item() / num if num else float("nan")
+                            for i, k in enumerate(keys)})
+                rec.update({"lr": max(g["lr"] for g in optimizer.param_groups),
+                            "grad_norm": float(grad_norm), "images_per_s": speed.read(),
+                            "data_wait": speed.data_wait, "bad_samples": state.bad_samples,
+                            **(log_extra or {})})
+                metrics.write(rec)
+                acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=state.step)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+                sums, n_sum = {}, 0
+            if state.step % t.save_every == 0 and guards.nonfinite.in_row == 0:
+                save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+    finally:
+        bar.close()
     return None
 
 

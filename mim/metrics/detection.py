@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -172,12 +171,15 @@ def to_coco_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor,
 
 def evaluate_files(gt_path: str | Path, pred_path: str | Path,
                    pr_score_thresh: float = 0.3) -> dict[str, Any]:
-    """``mim evaluate-detections``: a COCO instances file and a COCO results file."""
-    gt = json.loads(Path(gt_path).read_text())
-    pred = json.loads(Path(pred_path).read_text())
+    """``mim evaluate-detections``: a COCO instances file and a COCO results file; anything
+    pycocotools would score wrongly is a ConfigError naming the file and the first bad record."""
+    from mim.data.coco_checks import check_ground_truth, check_results
+    from mim.files import read_json
+
+    gt = read_json(gt_path, "ground truth file")
+    check_ground_truth(gt, gt_path)
+    pred = read_json(pred_path, "predictions file")
     if isinstance(pred, dict) and "annotations" in pred:  # a results file saved as instances
         pred = pred["annotations"]
-    if not isinstance(pred, list):
-        raise ValueError(f"{pred_path} is not a COCO results list")
-    return coco_metrics(gt, pred, pr_score_thresh)
+    return coco_metrics(gt, check_results(pred, pred_path, gt), pr_score_thresh)
 
