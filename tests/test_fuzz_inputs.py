@@ -520,3 +520,101 @@ def test_malformed_image_folders_and_datasets(tmp_path):
         "save_to_disk, arrow file gone": (data_case(_damaged("disk", lambda d: [
             f.unlink() for f in d.glob("*.arrow")])), "error"),
     })
+
+
+# ----------------------------------------------------------------------------- detection labels
+
+
+COCO = {"images": [{"id": i, "file_name": f"im{i}.png", "width": 32, "height": 32}
+                   for i in (1, 2, 3, 4)],
+        "annotations": [{"id": i, "image_id": i, "category_id": 1 + i % 2,
+                         "bbox": [4, 4, 12, 10], "area": 120, "iscrowd": 0} for i in (1, 2, 3, 4)],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+
+
+def coco_case(ann, *extra: str) -> Callable[[Path], list[str]]:
+    def build(root: Path) -> list[str]:
+        for i in (1, 2, 3, 4):
+            png(root / "d" / "images" / "train" / f"im{i}.png", seed=i)
+        raw = ann if isinstance(ann, bytes) else json.dumps(ann).encode()
+        write(root / "d" / "annotations" / "instances_train.json", raw)
+        return ["finetune", *TINY_DET, f"data.path={root / 'd'}", "data.format=coco",
+                "train.max_steps=1", *extra]
+    return build
+
+
+def yolo_case(labels: dict[str, bytes], classes: bytes = b"a\nb\n",
+              classes_file: str = "classes.txt") -> Callable[[Path], list[str]]:
+    def build(root: Path) -> list[str]:
+        for i in (1, 2, 3, 4):
+            png(root / "d" / "images" / "train" / f"im{i}.png", seed=i)
+            write(root / "d" / "labels" / "train" / f"im{i}.txt", b"0 0.5 0.5 0.4 0.4\n")
+        for name, data in labels.items():
+            write(root / "d" / "labels" / "train" / name, data)
+        write(root / "d" / classes_file, classes)
+        return ["finetune", *TINY_DET, f"data.path={root / 'd'}", "data.format=yolo",
+                "train.max_steps=1"]
+    return build
+
+
+def hf_case(objects: list, **columns) -> Callable[[Path], list[str]]:
+    def build(root: Path) -> list[str]:
+        import datasets
+
+        imgs = [{"bytes": png(root / f"p{i}.png", seed=i).read_bytes(), "path": None}
+                for i in range(len(objects))]
+        ds = datasets.Dataset.from_dict({"image": imgs, "objects": objects, **columns})
+        ds.cast_column("image", datasets.Image()).save_to_disk(str(root / "d"))
+        return ["finetune", *TINY_DET, f"data.path={root / 'd'}", "data.format=hf",
+                "train.max_steps=1"]
+    return build
+
+
+def test_malformed_detection_annotations(tmp_path):
+    good = {"bbox": [[2, 2, 10, 10]], "category": [0]}
+    check_all(tmp_path, {
+        "hf good (control)": (hf_case([good] * 4), "ok"),
+        "hf a 3-number box": (hf_case([good] * 3 + [{"bbox": [[1, 2, 3]], "category": [1]}]),
+                              "row 3"),
+        "hf objects column of ints": (hf_case([1, 2, 3, 4]), "error"),
+        "hf categories as names": (hf_case([{"bbox": [[2, 2, 9, 9]], "category": ["cat"]}] * 4),
+                                   "error"),
+        "coco good (control)": (coco_case(COCO), "ok"),
+        "coco NaN box": (coco_case(_with(COCO, ("annotations", 0, "bbox", 1), NAN)),
+                         "annotations[0]"),
+        "coco 3-number box": (coco_case(_with(COCO, ("annotations", 1, "bbox"), [1, 2, 3])),
+                              "annotations[1]"),
+        "coco string box": (coco_case(_with(COCO, ("annotations", 2, "bbox"), "1,2,3,4")),
+                            "annotations[2]"),
+        "coco unknown category": (coco_case(_with(COCO, ("annotations", 3, "category_id"), 9)),
+                                  "annotations[3]"),
+        "coco unknown image": (coco_case(_with(COCO, ("annotations", 0, "image_id"), 77)),
+                               "annotations[0]"),
+        "coco iscrowd 7": (coco_case(_with(COCO, ("annotations", 0, "iscrowd"), 7)),
+                           "annotations[0]"),
+        "coco not JSON": (coco_case(b"{"), "error"),
+        "coco empty file": (coco_case(b""), "error"),
+        "coco not UTF-8": (coco_case(b'{"images": "\xff"}'), "error"),
+        "coco a list": (coco_case([COCO]), "error"),
+        "coco without images": (coco_case(_with(COCO, ("images",), ...)), "error"),
+        "coco image id twice": (coco_case(_with(COCO, ("images", 1, "id"), 1)), "error"),
+        "coco image without size": (coco_case(_with(COCO, ("images", 0, "width"), ...)),
+                                    "error"),
+        "coco image width a string": (coco_case(_with(COCO, ("images", 0, "width"), "32")),
+                                      "error"),
+        "coco categories missing": (coco_case(_with(COCO, ("categories",), ...)), "error"),
+        "coco image file missing": (coco_case(_with(COCO, ("images", 0, "file_name"), "no.png"),
+                                              "data.max_bad_fraction=0.5"), "no.png"),
+        "yolo good (control)": (yolo_case({}), "ok"),
+        "yolo label not UTF-8": (yolo_case({"im1.txt": b"0 0.5 0.5 0.2 \xff\n"}), "im1.txt"),
+        "yolo NaN": (yolo_case({"im2.txt": b"0 nan 0.5 0.2 0.2\n"}), "im2.txt:1"),
+        "yolo inf": (yolo_case({"im3.txt": b"1 0.5 inf 0.2 0.2\n"}), "im3.txt:1"),
+        "yolo six fields": (yolo_case({"im4.txt": b"0 0.5 0.5 0.2 0.2 9\n"}), "im4.txt:1"),
+        "yolo unknown class": (yolo_case({"im1.txt": b"5 0.5 0.5 0.2 0.2\n"}), "im1.txt:1"),
+        "yolo binary label file": (yolo_case({"im2.txt": RANDOM}), "im2.txt"),
+        "yolo classes.txt not UTF-8": (yolo_case({}, b"\xff\xfe"), "error"),
+        "yolo classes.txt empty": (yolo_case({}, b""), "error"),
+        "yolo data.yaml not YAML": (yolo_case({}, b"names: [a", "data.yaml"), "error"),
+        "yolo data.yaml a list": (yolo_case({}, b"- a\n", "data.yaml"), "error"),
+        "yolo data.yaml names a number": (yolo_case({}, b"names: 3\n", "data.yaml"), "error"),
+    })

@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mim.data.annotation_checks import read_coco_instances, read_yolo_rows
 from mim.errors import ConfigError
 from mim.data.sources import (IMAGE_EXTS, UnreadableImage, _find_image_column, _pick_split,
                               decode_image, load_local, to_rgb)
 from mim.data.synthetic import CLASSES as SHAPE_CLASSES
 from mim.data.synthetic import draw_shape
+from mim.typed_config import load_yaml, read_text
 
 
 @dataclass
@@ -119,8 +121,11 @@ class CocoSource(DetectionSource):
         if not ann.is_file():
             raise ConfigError(f"config key 'data.path': no COCO annotation file {ann} "
                               f"(data.format=coco expects annotations/instances_<split>.json)")
+        gt, self._bad = read_coco_instances(ann)  # unusable annotations: listed, skipped
         with contextlib.redirect_stdout(io.StringIO()):
-            self.coco = COCO(str(ann))
+            self.coco = COCO()
+            self.coco.dataset = gt
+            self.coco.createIndex()
         self.image_dir = _image_dir(r, split)
         self.image_ids = sorted(self.coco.getImgIds())
         cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
@@ -133,6 +138,7 @@ class CocoSource(DetectionSource):
 
     def annotations(self, index: int) -> Annotations:
         img_id = self.image_ids[index]
+        self.issues.extend(self._bad.get(img_id, []))
         info = self.coco.imgs[img_id]
         anns = self.coco.imgToAnns.get(img_id, [])
         return make_annotations(
@@ -147,18 +153,18 @@ class CocoSource(DetectionSource):
 
 
 def _yolo_classes(root: Path) -> list[str]:
+    names: Any = None
     if (root / "classes.txt").is_file():
-        return [ln.strip() for ln in (root / "classes.txt").read_text().splitlines() if ln.strip()]
-    if (root / "data.yaml").is_file():
-        import yaml
-
-        names = yaml.safe_load((root / "data.yaml").read_text()).get("names")
-        if isinstance(names, dict):
-            return [names[k] for k in sorted(names)]
-        if isinstance(names, list):
-            return [str(n) for n in names]
+        names = [ln.strip() for ln in read_text(root / "classes.txt", "YOLO class file")
+                 .splitlines() if ln.strip()]
+    elif (root / "data.yaml").is_file():
+        spec = load_yaml(root / "data.yaml", "YOLO data file")
+        names = spec.get("names") if isinstance(spec, dict) else None
+        names = [names[k] for k in sorted(names)] if isinstance(names, dict) else names
+    if isinstance(names, list) and names:
+        return [str(n) for n in names]
     raise ConfigError(f"config key 'data.path': {root} has neither classes.txt nor data.yaml "
-                      "with 'names' (YOLO class names)")
+                      "with a non-empty 'names' list or mapping (YOLO class names)")
 
 
 class YoloSource(DetectionSource):
@@ -196,17 +202,7 @@ class YoloSource(DetectionSource):
         label_file = self.label_dir / (self.files[index].stem + ".txt")
         rows = []
         if label_file.is_file():
-            for n, line in enumerate(label_file.read_text().splitlines(), 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                try:
-                    c, cx, cy, bw, bh = int(parts[0]), *map(float, parts[1:5])
-                    if len(parts) != 5 or not 0 <= c < len(self.classes):
-                        raise ValueError
-                except ValueError:
-                    self.issues.append(f"{label_file}:{n}: not 'class cx cy w h'; skipped")
-                    continue
+            for c, cx, cy, bw, bh in read_yolo_rows(label_file, len(self.classes), self.issues):
                 rows.append((c, (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w,
                              (cy + bh / 2) * h))
         labels = [r[0] for r in rows]
@@ -250,14 +246,20 @@ class HFDetectionSource(DetectionSource):
         if isinstance(cat, datasets.ClassLabel):
             self.classes = list(cat.names)
         else:
-            rows = [self._objects(i)[1] for i in range(len(ds))]
-            top = max((max(r) for r in rows if len(r)), default=0)
-            self.classes = [f"class_{i}" for i in range(int(top) + 1)]
+            self.classes = [f"class_{i}" for i in range(self._largest_category() + 1)]
         self.category_ids = list(range(1, len(self.classes) + 1))
         self._sizes: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def _largest_category(self) -> int:
+        try:
+            return int(max((max(r) for r in (self._objects(i)[1] for i in range(len(self.ds)))
+                            if len(r)), default=0))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ConfigError(f"config key 'data.category_key': the '{self.category_key}' "
+                              f"entries are not integer class ids ({type(e).__name__})") from None
 
     def _objects(self, index: int) -> tuple[list, list, list | None, list | None]:
         obj = self.ds[int(index)][self.objects_column]
@@ -268,12 +270,17 @@ class HFDetectionSource(DetectionSource):
                 get("iscrowd"), get("area"))
 
     def annotations(self, index: int) -> Annotations:
-        boxes, cats, crowd, area = self._objects(index)
-        if self.bbox_format == "xywh":
-            boxes = xywh_to_xyxy(boxes)
         w, h = self._size(index)
-        return make_annotations(index + 1, w, h, boxes, cats, crowd, area, self.issues,
-                                f"row {index}")
+        try:
+            boxes, cats, crowd, area = self._objects(index)
+            if self.bbox_format == "xywh":
+                boxes = xywh_to_xyxy(boxes)
+            return make_annotations(index + 1, w, h, boxes, cats, crowd, area, self.issues,
+                                    f"row {index}")
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # a malformed objects cell
+            self.issues.append(f"row {index}: objects column '{self.objects_column}' is not "
+                               f"boxes and categories ({type(e).__name__}); its boxes skipped")
+            return make_annotations(index + 1, w, h, [], [])
 
     def _size(self, index: int) -> tuple[int, int]:
         if index not in self._sizes:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from mim.config import RunError
+from mim.errors import RunError
 from mim.data.sources import UnreadableImage
 
 

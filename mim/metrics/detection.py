@@ -173,7 +173,7 @@ def evaluate_files(gt_path: str | Path, pred_path: str | Path,
                    pr_score_thresh: float = 0.3) -> dict[str, Any]:
     """``mim evaluate-detections``: a COCO instances file and a COCO results file; anything
     pycocotools would score wrongly is a ConfigError naming the file and the first bad record."""
-    from mim.data.coco_checks import check_ground_truth, check_results
+    from mim.data.annotation_checks import check_ground_truth, check_results
     from mim.files import read_json
 
     gt = read_json(gt_path, "ground truth file")

@@ -1,14 +1,18 @@
-"""Shape checks of COCO files a user hands mim: instances (ground truth, training annotations)
-and results (predictions). pycocotools trusts its input: a duplicated id, a NaN box or a score
-that is a string is scored wrongly without an error. Each check names the file and the first bad
-record."""
+"""Checks of the annotation files a user hands mim: COCO instances (ground truth, training
+annotations), COCO results (predictions) and YOLO label files. pycocotools trusts its input: a
+repeated id, a NaN box or a score that is a string is scored wrongly without an error. Each
+check names the file and the first bad record; a training record that can be skipped is."""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
-from mim.config import ConfigError
+from mim.errors import ConfigError
+from mim.files import read_json
+from mim.typed_config import read_text
 
 
 def _number(v: Any) -> bool:
@@ -137,3 +141,46 @@ def check_results(pred: Any, path: Any, gt: dict) -> list[dict]:
             raise ConfigError(f"{path}: detection [{i}]: {why}")
         out.append({k: d[k] for k in ("image_id", "category_id", "bbox", "score")})
     return out
+
+
+def read_coco_instances(path: Path) -> tuple[dict, dict[int, list[str]]]:
+    """A training instances file without its unusable annotations, and those as issue lines by
+    image id (one whose image is unknown goes with the first image, so it is listed once)."""
+    gt = read_json(path, "COCO annotation file")
+    bad = check_instances(gt, path, need_images=True)
+    ids = {im["id"] for im in gt["images"]}
+    first = gt["images"][0]["id"] if gt["images"] else None
+    by_image: dict[int, list[str]] = defaultdict(list)
+    for i, why in bad:
+        a = gt["annotations"][i]
+        image = a.get("image_id") if isinstance(a, dict) and _member(a.get("image_id"), ids) \
+            else first
+        by_image[image].append(f"{path}: annotations[{i}]: {why}; skipped")
+    drop = {i for i, _ in bad}
+    kept = [a for i, a in enumerate(gt.get("annotations", [])) if i not in drop]
+    return {**gt, "annotations": kept}, dict(by_image)
+
+
+def read_yolo_rows(path: Path, num_classes: int, issues: list[str]) -> list[tuple]:
+    """``(class, cx, cy, w, h)`` of each well-formed line of a YOLO label file; a malformed line
+    (or a file that is not UTF-8 text) goes to ``issues`` and is skipped."""
+    try:
+        lines = read_text(path, "YOLO label file").splitlines()
+    except ConfigError as e:
+        issues.append(f"{e}; its boxes skipped")
+        return []
+    rows = []
+    for n, line in enumerate(lines, 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            c, *box = int(parts[0]), *map(float, parts[1:5])
+            if len(parts) != 5 or not 0 <= c < num_classes or not all(map(math.isfinite, box)):
+                raise ValueError
+        except ValueError:
+            issues.append(f"{path}:{n}: not 'class cx cy w h' (finite numbers, a known class); "
+                          "skipped")
+            continue
+        rows.append((c, *box))
+    return rows
