@@ -211,6 +211,16 @@ def _check_train_state(state: Any, path: Path) -> None:
         raise UnreadableCheckpoint(f"{path} is not a mim training state (its optimizer section)")
 
 
+def load_weights_into(model: torch.nn.Module, path: Path) -> None:
+    """A run's exported weights (``best/`` or the final model) into ``model``; a torn file or
+    weights of another model are one :class:`UnreadableCheckpoint` line."""
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (OSError, SafetensorError, RuntimeError) as e:
+        raise UnreadableCheckpoint(f"{path} does not load into this run's model "
+                                   f"({_first_line(e)[:160]})") from None
+
+
 def load_latest_usable(ckpt_root: Path, set_aside: bool, warn: Callable[[str], None]
                        ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest checkpoint that loads, as ``(path, model state, training state)``; None when

@@ -618,3 +618,37 @@ def test_malformed_detection_annotations(tmp_path):
         "yolo data.yaml a list": (yolo_case({}, b"- a\n", "data.yaml"), "error"),
         "yolo data.yaml names a number": (yolo_case({}, b"names: 3\n", "data.yaml"), "error"),
     })
+
+
+def test_damaged_run_directories_for_evaluate(tmp_path):
+    """``mim evaluate --run`` on a fine-tuning run whose files were damaged after it ended."""
+    import yaml
+
+    from mim.config import load_config
+
+    cfg = load_config(None, TINY_FT + ["data.synthetic=true", "data.synthetic_size=16"],
+                      job="finetune").to_dict()
+    record = {"num_classes": 10, "class_names": [str(i) for i in range(10)],
+              "best": {"epoch": 1}}
+
+    def run_case(config: bytes, metrics: bytes, weights: bytes | dict):
+        def build(root: Path) -> list[str]:
+            write(root / "run" / "config.yaml", config)
+            write(root / "run" / "best" / "metrics.json", metrics)
+            if isinstance(weights, dict):
+                save_file(weights, str(root / "run" / "best" / "model.safetensors"))
+            else:
+                write(root / "run" / "best" / "model.safetensors", weights)
+            return ["evaluate", "--run", str(root / "run")]
+        return build
+
+    good_cfg, good_rec = yaml.safe_dump(cfg).encode(), json.dumps(record).encode()
+    check_all(tmp_path, {
+        "config.yaml not YAML": (run_case(b"a: [", good_rec, RANDOM), "error"),
+        "config.yaml not UTF-8": (run_case(b"\xff", good_rec, RANDOM), "error"),
+        "metrics.json not JSON": (run_case(good_cfg, b"{", RANDOM), "error"),
+        "metrics.json a list": (run_case(good_cfg, b"[]", RANDOM), "error"),
+        "weights random": (run_case(good_cfg, good_rec, RANDOM), "error"),
+        "weights of another model": (run_case(good_cfg, good_rec, {"x": torch.ones(2)}),
+                                     "error"),
+    })

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from mim.checkpoint import state_dict_for_save
+from mim.checkpoint import load_weights_into, state_dict_for_save
 from mim.config import ConfigError, load_config
 from mim.data.detection import build_detection_loader, detection_transform, pad_collate
 from mim.data.detection_sources import build_detection_source, coco_ground_truth
@@ -297,7 +297,7 @@ def evaluate_run(run: str | Path, split: str = "") -> dict[str, Any]:
     acc = make_accelerator(cfg)
     source = build_detection_source(cfg.data, cfg.model.img_size, cfg.run.seed, split)
     model, _ = build_detector(cfg, _num_classes(cfg, source.classes), load_init=False)
-    model.load_state_dict(load_file(str(weights)))
+    load_weights_into(model, weights)
     model.to(acc.device)
     loader = _val_loader(cfg, source, acc.process_index, acc.num_processes,
                          model.size_divisibility)

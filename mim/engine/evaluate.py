@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mim.checkpoint import state_dict_for_save
+from mim.checkpoint import load_weights_into, state_dict_for_save
 from mim.config import ConfigError, load_config
 from mim.data import build_epoch_loader, build_source, eval_transform
 from mim.engine.run import make_accelerator, write_json
 from mim.engine.state import LoopState
 from mim.engine.tracking import MetricsLog, log_model_artifact
+from mim.files import read_json
 from mim.metrics import ClassificationEvaluator, save_confusion_matrix
 from mim.models.classifier import build_classifier, export_classifier
 
@@ -148,12 +149,15 @@ def evaluate_run(run: str | Path, split: str = "") -> dict[str, Any]:
     cfg = load_config(run_dir / "config.yaml", ["init=scratch", "init_file=",
                                                 "tracking.backend=none", "run.resume=none"],
                       job="finetune")
-    info = json.loads((best_dir / "metrics.json").read_text())
+    info = read_json(best_dir / "metrics.json", "best-checkpoint record")
+    if not isinstance(info, dict) or not {"num_classes", "class_names", "best"} <= set(info):
+        raise ConfigError(f"--run: {best_dir / 'metrics.json'} is not a mim best-checkpoint "
+                          "record")
     num_classes, names = info["num_classes"], info["class_names"]
     split = split or cfg.data.val_split
     acc = make_accelerator(cfg)
     model, _ = build_classifier(cfg, num_classes, load_init=False)
-    model.load_state_dict(load_file(str(best_dir / "model.safetensors")))
+    load_weights_into(model, best_dir / "model.safetensors")
     model.to(acc.device)
     d = cfg.data
     source = build_source(d, image_size=cfg.model.img_size, seed=cfg.run.seed, split=split)
