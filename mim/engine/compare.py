@@ -115,7 +115,8 @@ def cell_config(cmp: CompareConfig, cell: Cell) -> Any:
 def _check_same_recipe(cfg: Any, cell: Cell) -> None:
     """A finished cell counts only if it ran the current recipe (else its number is stale)."""
     done = yaml.safe_load((cfg.run_dir / "config.yaml").read_text())
-    changed = [c for c in config_diff(done, cfg.to_dict()) if not c.startswith(_RUN_ONLY_KEYS)]
+    changed = [c for c in config_diff(done, cfg.to_dict()) if not c.startswith(_RUN_ONLY_KEYS)
+               and ": None -> " not in c]  # a key added since (init_strict): not a recipe change
     if changed:
         raise ConfigError(f"cell {cell.name} finished with another recipe ({'; '.join(changed[:4])})"
                           f"; give the comparison a new 'run.name' or delete {cfg.run_dir}")
