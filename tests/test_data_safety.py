@@ -40,7 +40,9 @@ def test_refused_resume_leaves_the_run_directory_as_it_was(tiny):
 
 
 def _state(step, value):
-    return {"w": torch.full((4,), float(value))}, {"loop": {"step": step}}
+    train = {"config": {}, "loop": {"step": step}, "scheduler": {},
+             "optimizer": {"state": {}, "param_groups": []}}
+    return {"w": torch.full((4,), float(value))}, train
 
 
 def _value(folder):
