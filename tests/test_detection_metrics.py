@@ -99,3 +99,65 @@ def test_evaluate_detections_cli_prints_the_keys(tmp_path, capsys):
     assert main(["evaluate-detections", "--gt", str(tmp_path / "nope.json"),
                  "--pred", str(tmp_path / "pred.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def _iou_xywh(a, b):
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def _brute_force_mean_iou_tp(gt, pred):
+    """Per image and class, detections by falling score take the free non-crowd box of highest
+    IoU >= 0.5 (crowd boxes never make a true positive); the mean IoU of those matches."""
+    ious = []
+    for im in gt["images"]:
+        for cat in gt["categories"]:
+            g = [a for a in gt["annotations"] if a["image_id"] == im["id"]
+                 and a["category_id"] == cat["id"] and not a["iscrowd"]]
+            ds = sorted((d for d in pred if d["image_id"] == im["id"]
+                         and d["category_id"] == cat["id"]), key=lambda d: -d["score"])
+            free = [True] * len(g)
+            for d in ds:
+                cand = [(_iou_xywh(d["bbox"], a["bbox"]), j) for j, a in enumerate(g) if free[j]]
+                best = max(cand, default=(0.0, -1))
+                if best[0] >= 0.5:
+                    free[best[1]] = False
+                    ious.append(best[0])
+    return sum(ious) / len(ious) if ious else -1.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mean_iou_tp_matches_brute_force_on_random_sets(seed):
+    import random
+
+    rng = random.Random(seed)
+    images = [{"id": i, "width": 64, "height": 64} for i in range(1, 7)]
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    anns, pred = [], []
+    for im in images:
+        for _ in range(rng.randint(0, 4)):
+            w, h = rng.uniform(6, 30), rng.uniform(6, 30)
+            box = [rng.uniform(0, 64 - w), rng.uniform(0, 64 - h), w, h]
+            cat = rng.choice(cats)["id"]
+            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": cat,
+                         "bbox": box, "area": w * h, "iscrowd": int(rng.random() < 0.1)})
+            for _ in range(rng.randint(0, 3)):  # jittered copies: hits, misses, duplicates
+                jit = [v + rng.gauss(0, 3) for v in box[:2]] + [max(1.0, v + rng.gauss(0, 3))
+                                                              for v in box[2:]]
+                pred.append({"image_id": im["id"], "category_id": rng.choice([cat, cat, 1, 2]),
+                             "bbox": jit, "score": rng.random()})
+    gt = {"images": images, "annotations": anns, "categories": cats}
+    ours = coco_metrics(gt, pred)["mean_iou_tp"]
+    assert ours == pytest.approx(_brute_force_mean_iou_tp(gt, pred), abs=1e-9)
+    assert 0.5 <= ours <= 1 or ours == -1
+
+
+def test_mean_iou_tp_by_hand():
+    # GT/PRED above: the cat hit at IoU 1 is the only true positive above 0.5 on cats (its
+    # duplicate has IoU 28^2/(2*900-28^2) = 0.77 but the box is taken); the dog hit is exact.
+    assert coco_metrics(GT, PRED)["mean_iou_tp"] == pytest.approx(1.0)
+    shifted = [{**PRED[0], "bbox": [13, 10, 30, 30]}]  # IoU 27*30 / (1800 - 810)
+    assert coco_metrics(GT, shifted)["mean_iou_tp"] == pytest.approx(810 / 990)
+    assert coco_metrics(GT, [])["mean_iou_tp"] == -1

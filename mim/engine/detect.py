@@ -254,7 +254,8 @@ def evaluate_and_log(acc, cfg: Any, model: torch.nn.Module, data: DetectionData,
                             step=step)
         acc.print(f"epoch {epoch}: mAP {out['map']:.4f}  mAP@0.5 {out['map_50']:.4f}  "
                   f"AR@100 {out['mar_100']:.4f}  P@0.5 {out['precision_50']:.3f}  "
-                  f"R@0.5 {out['recall_50']:.3f} (score >= {cfg.eval.pr_score_thresh:g})")
+                  f"R@0.5 {out['recall_50']:.3f} (score >= {cfg.eval.pr_score_thresh:g})  "
+                  f"IoU of TP@0.5 {out['mean_iou_tp']:.3f}")
     acc.wait_for_everyone()
     return out
 

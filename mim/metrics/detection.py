@@ -5,7 +5,8 @@ with IoUs from ``torchvision.ops.box_iou``.
 Inputs are COCO dicts: the ground truth as an instances file (``images``, ``annotations`` with
 ``bbox`` [x, y, w, h], ``area``, ``iscrowd``, ``categories``) and predictions as a results list
 (``image_id``, ``category_id``, ``bbox``, ``score``). pycocotools reports -1 for a number with
-no ground truth to measure it on (e.g. ``map_large`` when every object is small); so do we.
+no ground truth to measure it on (e.g. ``map_large`` when every object is small); so do we, and
+``mean_iou_tp`` is -1 when no detection matched.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torchvision.ops import box_iou
 
 METRIC_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100",
-               "precision_50", "recall_50")
+               "precision_50", "recall_50", "mean_iou_tp")
 _STATS_INDEX = {"map": 0, "map_50": 1, "map_75": 2, "map_small": 3, "map_medium": 4,
                 "map_large": 5, "mar_100": 8}
 
@@ -64,6 +66,7 @@ def coco_metrics(gt: dict[str, Any], predictions: list[dict[str, Any]],
     out: dict[str, Any] = {k: float(ev.stats[i]) for k, i in _STATS_INDEX.items()}
     p, r = precision_recall_at(gt, predictions, pr_score_thresh, iou_thresh=0.5)
     out["precision_50"], out["recall_50"] = p, r
+    out["mean_iou_tp"] = mean_iou_of_matches(ev, coco_gt, coco_dt)
     out["per_class_ap"] = per_class_ap(ev, gt)
     return {k: out[k] for k in (*METRIC_KEYS, "per_class_ap")}
 
@@ -79,6 +82,28 @@ def per_class_ap(ev: Any, gt: dict[str, Any]) -> dict[str, float | None]:
         p = p[p > -1]
         out[names[cat_id]] = float(p.mean()) if p.size else None
     return out
+
+
+def mean_iou_of_matches(ev: Any, coco_gt: Any, coco_dt: Any, iou_thresh: float = 0.5) -> float:
+    """Mean IoU of the detections COCOeval matched as true positives at ``iou_thresh`` (all
+    areas, the largest max-detections): how well the found objects are localised, apart from
+    how many are found. Matching is COCOeval's own (per image and class, greedy by score, crowd
+    matches ignored), read from ``ev.evalImgs``; -1 when nothing matched."""
+    t = int(np.argmin(np.abs(ev.params.iouThrs - iou_thresh)))
+    pairs = []
+    for e in ev.evalImgs:
+        if e is None or e["aRng"] != ev.params.areaRng[0]:
+            continue
+        for k, dt_id in enumerate(e["dtIds"]):
+            gt_id = int(e["dtMatches"][t, k])
+            if gt_id > 0 and not e["dtIgnore"][t, k]:
+                pairs.append((coco_dt.anns[dt_id]["bbox"], coco_gt.anns[gt_id]["bbox"]))
+    if not pairs:
+        return -1.0
+    d, g = _xyxy([d for d, _ in pairs]), _xyxy([g for _, g in pairs])
+    inter = (torch.min(d[:, 2:], g[:, 2:]) - torch.max(d[:, :2], g[:, :2])).clamp_min(0).prod(1)
+    union = (d[:, 2:] - d[:, :2]).prod(1) + (g[:, 2:] - g[:, :2]).prod(1) - inter
+    return float((inter / union).mean())
 
 
 def _intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
