@@ -16,10 +16,9 @@ from pathlib import Path
 import yaml
 
 from mim.checkpoint import CheckpointError
-from mim.config import ConfigError, RunError, load_config
+from mim.config import ConfigError, RunError, finetune_task, load_config
 from mim.inference.commands import COMMANDS as INFERENCE_COMMANDS
 from mim.inference.commands import add_commands as add_inference_commands
-from mim.typed_config import read_yaml
 
 # command -> (config schema, "module:function" run with the validated config, help)
 CONFIG_COMMANDS = {
@@ -61,24 +60,6 @@ def _parser() -> argparse.ArgumentParser:
     evd.add_argument("--per-class", action="store_true", help="add per-class AP")
     add_inference_commands(sub)
     return p
-
-
-def finetune_task(config: str | Path | None, overrides: list[str]) -> str:
-    """The ``task`` a fine-tuning config names (YAML ``task:`` or a ``task=`` override);
-    "classify" when it names none."""
-    task = "classify"
-    if config and Path(config).is_file():
-        raw = read_yaml(config)
-        if isinstance(raw, dict) and "task" in raw:
-            task = str(raw["task"])
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() == "task":
-            task = value.strip()
-    if task not in ("classify", "detect"):
-        raise ConfigError(f"config key 'task' must be 'detect' (or absent for classification), "
-                          f"got {task!r}")
-    return task
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -2,11 +2,13 @@
 
     python scripts/prepare_fmnist.py [--src ../shared/data/fashion-mnist] [--out runs/data/fmnist]
     python scripts/prepare_fmnist.py --classes 5,6,7,8,9 --out runs/data/fmnist-5to9
+    python scripts/prepare_fmnist.py --max-train 20000 --out runs/data/fmnist-20k
 
 Writes ``train`` (60,000) and ``test`` (10,000) splits with an ``image`` column (28x28 grayscale
 PNG) and a ``label`` ClassLabel carrying the ten class names, in the official order. With
 ``--classes``, only the images of those classes, relabelled 0..k-1 in the order given (the
 ClassLabel names follow), so two disjoint class sets make a labeled source task and a target task.
+With ``--max-train N``, only the first N training images (a smaller labeled source, CPU-sized).
 The output lives under ``runs/`` (ignored by git); the data is never committed.
 """
 
@@ -36,7 +38,7 @@ def read_idx(path: Path, magic: int, offset: int) -> np.ndarray:
     return data.reshape(count, 28, 28) if magic == 2051 else data[:count]
 
 
-def build(src: Path, out: Path, classes: list[int] | None = None) -> None:
+def build(src: Path, out: Path, classes: list[int] | None = None, max_train: int = 0) -> None:
     import datasets
 
     missing = [f for pair in FILES.values() for f in pair if not (src / f).is_file()]
@@ -57,6 +59,8 @@ def build(src: Path, out: Path, classes: list[int] | None = None) -> None:
         if len(images) != len(labels):
             sys.exit(f"prepare_fmnist: {split}: {len(images)} images but {len(labels)} labels")
         keep = relabel[labels] >= 0
+        if split == "train" and max_train:
+            keep &= np.arange(len(labels)) < max_train
         images, labels = images[keep], relabel[labels[keep]]
         splits[split] = datasets.Dataset.from_dict(
             {"image": list(images), "label": labels.astype(np.int64).tolist()}, features=features)
@@ -71,9 +75,11 @@ def main() -> None:
     p.add_argument("--src", type=Path, default=DEFAULT_SRC, help="folder of the four .gz files")
     p.add_argument("--out", type=Path, default=Path("runs/data/fmnist"))
     p.add_argument("--classes", help="comma list of class ids (0-9) to keep, relabelled in order")
+    p.add_argument("--max-train", type=int, default=0,
+                   help="keep only the first N training images (0 = all)")
     args = p.parse_args()
     classes = [int(c) for c in args.classes.split(",")] if args.classes else None
-    build(args.src, args.out, classes)
+    build(args.src, args.out, classes, args.max_train)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,24 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def finetune_task(config: str | Path | None, overrides: list[str]) -> str:
+    """The ``task`` a fine-tuning config names (YAML ``task:`` or a ``task=`` override);
+    "classify" when it names none."""
+    task = "classify"
+    if config and Path(config).is_file():
+        raw = read_yaml(config)  # a file it cannot read is one ConfigError
+        if isinstance(raw, dict) and "task" in raw:
+            task = str(raw["task"])
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "task":
+            task = value.strip()
+    if task not in ("classify", "detect"):
+        raise ConfigError(f"config key 'task' must be 'detect' (or absent for classification), "
+                          f"got {task!r}")
+    return task
+
+
 def config_from_dict(d: dict[str, Any], job: str = "pretrain") -> Any:
     """Rebuild a validated config from its ``to_dict()`` form (as stored in checkpoints)."""
     cfg = build(SCHEMAS[job], d)
@@ -73,4 +91,4 @@ __all__ = ["ClassifierModelConfig", "ClipGradConfig", "CompareConfig", "CompareR
            "FinetuneTrainConfig", "JobConfig", "LoopConfig", "LossConfig", "MethodConfig",
            "MixupConfig", "ModelConfig", "OptimConfig", "PretrainConfig", "RunConfig",
            "RunError", "SCHEMAS", "TrackingConfig", "TrainConfig", "TuneConfig",
-           "config_from_dict", "load_config", "save_config"]
+           "config_from_dict", "finetune_task", "load_config", "save_config"]

@@ -23,13 +23,15 @@ class CompareConfig(JobConfig):
     # name -> init, as the fine-tune key 'init' takes it: scratch | a run dir | file | timm:<name>
     inits: dict[str, str] = field(default_factory=dict)
     init_files: dict[str, str] = field(default_factory=dict)  # name -> local file for timm:<name>
-    finetune: str = ""  # the downstream fine-tune config file (classification)
+    finetune: str = ""  # the downstream fine-tune config file (classification or detection)
     overrides: list[str] = field(default_factory=list)  # key=value over it, for every cell
     # label fraction -> more key=value for its cells (more epochs at 1%, say), alike for every init
     fraction_overrides: dict[float, list[str]] = field(default_factory=dict)
     label_fractions: list[float] = field(default_factory=lambda: [1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    metric: Literal["top1", "top5", "macro_f1", "loss"] = "top1"
+    # auto: top1 for a classification recipe, map for a detection one (task: detect)
+    metric: Literal["auto", "top1", "top5", "macro_f1", "loss", "map", "map_50", "map_75",
+                    "mar_100", "mean_iou"] = "auto"
     score: Literal["final", "best"] = "final"  # best = the best epoch on validation (optimistic)
     allow_resample: bool = False  # accept inits whose pos/patch embeddings need resampling
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -42,6 +42,7 @@ class DetectDataConfig(DataConfig):
     scale_range: tuple[float, float] = (0.5, 1.0)  # scale jitter of the fitted size (1, 1 = off)
     min_box_size: float = 1.0  # px after resizing; smaller (degenerate) boxes are dropped
     eval_batch_size: int = 0  # 0 = data.batch_size
+    label_fraction: float = 1.0  # seeded fraction of the annotated training images, classes kept
 
 
 @dataclass
@@ -105,6 +106,8 @@ class DetectConfig(JobConfig):
 def validate_detect(cfg: DetectConfig) -> None:
     m, d, o, lo, ev = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.eval
     validate_init(cfg)
+    check(0 < d.label_fraction <= 1,
+          f"config key 'data.label_fraction' must be in (0, 1], got {d.label_fraction}")
     check(m.num_classes >= 0, "config key 'model.num_classes' must be >= 0")
     check(m.pyramid_dim > 0, "config key 'model.pyramid_dim' must be positive")
     scales = m.pyramid_scales

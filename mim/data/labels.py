@@ -1,5 +1,6 @@
-"""Labels of a source: class names, and the class-stratified subset that ``data.label_fraction``
-fine-tunes on (the semi-supervised protocol of few-label evaluations, e.g. 1% / 10%)."""
+"""Labels of a source: class names, and the subset that ``data.label_fraction`` fine-tunes on (the
+semi-supervised protocol of few-label evaluations, e.g. 1% / 10%): class-stratified images for
+classification, a class-covering fraction of the annotated images for detection."""
 
 from __future__ import annotations
 
@@ -80,3 +81,51 @@ def num_classes_of(source: Any, configured: int = 0) -> int:
         raise ConfigError(f"the training labels span [0, {max(labels)}] but "
                           f"'method.num_classes' is {n}")
     return n
+
+
+def covering_subset(image_classes: list[list[int]], fraction: float, seed: int) -> list[int]:
+    """Sorted indices of ``round(fraction * n)`` (at least 1) of the ``n`` annotated images, and
+    the same fraction of the images without objects, drawn from ``seed`` alone.
+
+    ``image_classes[i]`` lists the classes of image ``i``'s boxes. In one seeded order of the
+    images, a greedy cover first takes the image adding the most classes not yet chosen (the
+    earliest on ties) until every class of the full set is in a chosen image or the quota is
+    reached; the rest of the quota is the next images of the order.
+    """
+    if fraction >= 1.0:
+        return list(range(len(image_classes)))
+    g = torch.Generator().manual_seed(sample_seed(seed, 0, 0xDE7EC7))
+    order = torch.randperm(len(image_classes), generator=g).tolist()
+    annotated = [i for i in order if image_classes[i]]
+    empty = [i for i in order if not image_classes[i]]
+    quota = max(1, int(round(fraction * len(annotated))))
+    classes = {c for cs in image_classes for c in cs}
+    chosen: list[int] = []
+    covered: set[int] = set()
+    while len(chosen) < quota and covered != classes:
+        best = max(annotated, key=lambda i: len(set(image_classes[i]) - covered))
+        chosen.append(best)
+        covered |= set(image_classes[best])
+    taken = set(chosen)
+    chosen += [i for i in annotated if i not in taken][:quota - len(chosen)]
+    chosen += empty[:int(round(fraction * len(empty)))]
+    return sorted(chosen)
+
+
+class DetectionSubset:
+    """The images ``indices`` of a detection source, renumbered 0..len-1; classes, category ids
+    and the label-issue list are the source's own."""
+
+    def __init__(self, source: Any, indices: list[int]) -> None:
+        self.source, self.indices = source, list(indices)
+        self.classes, self.category_ids = source.classes, source.category_ids
+        self.issues = source.issues
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def annotations(self, index: int) -> Any:
+        return self.source.annotations(self.indices[index])
+
+    def load(self, index: int) -> tuple[Image.Image, Any, str]:
+        return self.source.load(self.indices[index])

@@ -1,13 +1,15 @@
 """``mim compare``: fine-tune every init x label fraction x seed with one recipe, then report.
 
-Each cell is an ordinary fine-tuning run (:func:`mim.engine.finetune.finetune`) in
+The recipe is a classification or a detection (``task: detect``) fine-tune config. Each cell is
+an ordinary fine-tuning run (:func:`mim.engine.finetune.finetune` or
+:func:`mim.engine.detect.detect`) in
 ``<run>/cells/<init>_f<fraction>_s<seed>``, with the same config file and overrides (plus the
 overrides of its label fraction, e.g. more epochs for fewer labels); only ``init``,
 ``data.label_fraction`` and ``run.seed`` change. That makes the comparison fair by
 construction where it can be:
-- at a given seed, every init sees the same labeled subset, the same data order and the same
-  augmentations (the loader draws them from the seed alone) and the same head initialisation
-  (the classifier is built right after ``set_seed``);
+- at a given seed, every init sees the same labeled subset (for detection, the same annotated
+  images), the same data order and the same augmentations (the loader draws them from the seed
+  alone) and the same head initialisation (the head is built right after ``set_seed``);
 - every init gets the same number of updates (same recipe, same subset);
 - the encoder architecture of every init is checked against the recipe's before any training.
 What it cannot remove (the pretraining budget and data behind each init, resampled embeddings)
@@ -20,6 +22,7 @@ Cells run one after another, each across all processes of the launch. A cell who
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -28,13 +31,16 @@ from typing import Any
 
 import yaml
 
-from mim.config import CompareConfig, ConfigError, load_config, save_config
+from mim.config import CompareConfig, ConfigError, finetune_task, load_config, save_config
 from mim.engine.compare_report import CellResult, write_report
 from mim.engine.run import RunLock, process_state, write_json
 from mim.engine.state import config_diff
 from mim.models.encoder import create_vit
 from mim.models.init import read_init_state, to_timm_keys
 
+# the metrics `metric:` may name, per task of the recipe; the first is the default ("auto")
+TASK_METRICS = {"classify": ("top1", "top5", "macro_f1", "loss"),
+                "detect": ("map", "map_50", "map_75", "mar_100", "mean_iou")}
 # keys the fine-tuning classifier adds or drops around the encoder (pooling norm, head)
 _CLASSIFIER_KEYS = ("head.", "fc_norm.")
 _RESAMPLABLE = ("pos_embed", "patch_embed.proj.weight")
@@ -57,6 +63,8 @@ class Cell:
 def compare(cmp: CompareConfig) -> Path:
     """Run (or resume) every cell of ``cmp`` and write the report; returns the run directory."""
     state = process_state()
+    task = finetune_task(cmp.finetune, cmp.overrides)
+    cmp = dataclasses.replace(cmp, metric=resolve_metric(cmp.metric, task))
     run_dir = cmp.run_dir
     base = cell_config(cmp, Cell(next(iter(cmp.inits)), cmp.label_fractions[0], cmp.seeds[0]))
     notes = check_architectures(cmp, base)  # before any training
@@ -67,7 +75,10 @@ def compare(cmp: CompareConfig) -> Path:
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cmp, run_dir / "config.yaml")
-    from mim.engine.finetune import finetune
+    if task == "detect":
+        from mim.engine.detect import detect as finetune
+    else:
+        from mim.engine.finetune import finetune
 
     timings_path = run_dir / "timings.json"
     for i, cell in enumerate(cells, 1):
@@ -92,11 +103,22 @@ def compare(cmp: CompareConfig) -> Path:
     if state.is_main_process:
         results = [CellResult.read(cell_config(cmp, c).run_dir, c.init_name, c.fraction, c.seed)
                    for c in cells]
-        table = write_report(cmp, results, notes, _init_provenance(cmp))
+        table = write_report(cmp, results, notes, _init_provenance(cmp), task)
         _log_summary(cmp, run_dir)
         print(table)
     state.wait_for_everyone()
     return run_dir
+
+
+def resolve_metric(metric: str, task: str) -> str:
+    """``metric`` checked against the recipe's task; "auto" is the task's first metric."""
+    if metric == "auto":
+        return TASK_METRICS[task][0]
+    if metric not in TASK_METRICS[task]:
+        kind = "a detection" if task == "detect" else "a classification"
+        raise ConfigError(f"config key 'metric': {metric!r} does not apply to {kind} recipe "
+                          f"(choose from auto, {', '.join(TASK_METRICS[task])})")
+    return metric
 
 
 def cell_config(cmp: CompareConfig, cell: Cell) -> Any:
@@ -109,7 +131,9 @@ def cell_config(cmp: CompareConfig, cell: Cell) -> Any:
             f"tracking.backend={t.backend}", f"tracking.project={t.project}",
             f"tracking.group={t.group or cmp.run.name}"]
     per_fraction = cmp.fraction_overrides.get(cell.fraction, [])
-    return load_config(cmp.finetune, [*cmp.overrides, *per_fraction, *keys], job="finetune")
+    overrides = [*cmp.overrides, *per_fraction, *keys]
+    job = "detect" if finetune_task(cmp.finetune, overrides) == "detect" else "finetune"
+    return load_config(cmp.finetune, overrides, job=job)
 
 
 def _check_same_recipe(cfg: Any, cell: Cell) -> None:

@@ -3,7 +3,9 @@
 Per init and label fraction: the mean and the sample standard deviation over seeds of the chosen
 metric, and the difference to scratch with a 95% t-interval over the seeds' paired differences
 (the same seed means the same labeled subset, data order and augmentations for both inits, so
-pairing removes that shared noise).
+pairing removes that shared noise). A detection comparison adds, per init and fraction, the
+other COCO numbers beside the chosen one (mean IoU of the true positives among them), AP by
+object size and the three best and worst classes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 # two-sided 95% quantiles of Student's t, t_{0.975, df}, for df = 1..30
+# compare metric -> the key a run's summary.json and metrics.jsonl hold it under
+SUMMARY_KEY = {"mean_iou": "mean_iou_tp"}
+# detection numbers the report shows (means over seeds) beside the chosen metric
+DETECTION_COLUMNS = ("map", "map_50", "map_75", "mar_100", "mean_iou_tp", "map_small",
+                     "map_medium", "map_large")
+
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
          2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
          2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
@@ -61,15 +69,22 @@ class CellResult:
     def read(cls, run_dir: Path, init_name: str, fraction: float, seed: int) -> CellResult:
         summary = json.loads((run_dir / "summary.json").read_text())
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        curve = [r for r in map(json.loads, filter(None, lines)) if "val/top1" in r]
+        curve = [r for r in map(json.loads, filter(None, lines))
+                 if "step" in r and any(k.startswith("val/") for k in r)]
         return cls(init_name, fraction, seed, summary, curve)
 
     def score(self, metric: str, which: str) -> float:
-        return float(self.summary["final_metrics" if which == "final" else "best_metrics"][metric])
+        if "final_metrics" in self.summary:  # classification
+            return float(self.summary["final_metrics" if which == "final"
+                                      else "best_metrics"][metric])
+        key = SUMMARY_KEY.get(metric, metric)  # detection: the last evaluation's numbers
+        if which == "best":
+            return max(float(r[f"val/{key}"]) for r in self.curve)
+        return float(self.summary[key])
 
 
 def write_report(cmp: Any, results: list[CellResult], notes: dict[str, list[str]],
-                 provenance: dict[str, str]) -> str:
+                 provenance: dict[str, str], task: str = "classify") -> str:
     """Write the four files into ``cmp.run_dir``; returns the markdown table (for the console)."""
     out = cmp.run_dir
     metric, inits, fractions = cmp.metric, list(cmp.inits), list(cmp.label_fractions)
@@ -93,20 +108,67 @@ def write_report(cmp: Any, results: list[CellResult], notes: dict[str, list[str]
                 paired = [vals[s] - base[s] for s in sorted(vals) if s in base]
                 row["diff_vs_scratch"] = statistics.fmean(paired) if paired else float("nan")
             row["ci95_low"], row["ci95_high"] = (diff[1], diff[2]) if diff else (math.nan, math.nan)
+            if task == "detect":
+                cells = [r.summary for r in results if r.init_name == name and r.fraction == f]
+                row.update({k: _mean([s[k] for s in cells]) for k in DETECTION_COLUMNS})
             rows.append(row)
-    _write_csv(out / "report.csv", rows)
+    _write_csv(out / "report.csv", rows, DETECTION_COLUMNS if task == "detect" else ())
     table = _markdown_table(rows, inits, fractions, metric, higher, scratch)
     budget = _budget_lines(results, fractions, cmp.fraction_overrides)
-    (out / "report.md").write_text(_markdown(cmp, table, budget, notes, provenance, results,
-                                             scratch))
+    text = _markdown(cmp, table, budget, notes, provenance, results, scratch, task)
+    if task == "detect":
+        text += detection_sections(results, inits, fractions)
+    (out / "report.md").write_text(text)
     _plot_label_efficiency(out / "label_efficiency.png", rows, inits, metric, cmp.score)
-    _plot_curves(out / "curves.png", results, inits, fractions, metric)
+    _plot_curves(out / "curves.png", results, inits, fractions, SUMMARY_KEY.get(metric, metric))
     return table
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def _mean(values: list[Any]) -> float:
+    vals = [float(v) for v in values if v is not None]
+    return statistics.fmean(vals) if vals else math.nan
+
+
+def detection_sections(results: list[CellResult], inits: list[str],
+                       fractions: list[float]) -> str:
+    """Markdown: every COCO number per init and fraction (mean ± std over seeds), then the
+    three best and worst classes by AP (mean over seeds)."""
+    def stat(cells: list[dict], key: str) -> str:
+        vals = [float(c[key]) for c in cells if c.get(key) is not None]
+        if not vals or all(v < 0 for v in vals):  # pycocotools' -1: nothing to measure
+            return "n/a"
+        sd = f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""
+        return f"{statistics.fmean(vals):.4f}{sd}"
+
+    names = ("mAP", "mAP@0.5", "mAP@0.75", "AR@100", "mean IoU of TP@0.5", "AP small",
+             "AP medium", "AP large")
+    text = ["", "## Every COCO number (mean ± std over seeds)", "",
+            "`mean IoU of TP@0.5`: the mean IoU of the detections matched as true positives at "
+            "IoU 0.5, how well the found objects are localised (apart from how many are found "
+            "and named right). AP by object size: COCO's small / medium / large (< 32², < 96², "
+            "larger; n/a where the set has no such object).", "",
+            "| init | labels | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for f in fractions:
+        for name in inits:
+            cells = [r.summary for r in results if r.init_name == name and r.fraction == f]
+            text.append(f"| {name} | {100 * f:g}% | "
+                        + " | ".join(stat(cells, k) for k in DETECTION_COLUMNS) + " |")
+    text += ["", "## Best and worst classes (AP, mean over seeds)", ""]
+    for f in fractions:
+        for name in inits:
+            cells = [r.summary for r in results if r.init_name == name and r.fraction == f]
+            classes = sorted({c for s in cells for c in s.get("per_class_ap", {})})
+            ap = {c: _mean([s["per_class_ap"].get(c) for s in cells]) for c in classes}
+            ranked = sorted((v, c) for c, v in ap.items() if not math.isnan(v))
+            best = ", ".join(f"{c} {v:.3f}" for v, c in reversed(ranked[-3:]))
+            worst = ", ".join(f"{c} {v:.3f}" for v, c in ranked[:3])
+            text.append(f"- **{name}**, {100 * f:g}% labels: best {best}; worst {worst}")
+    return "\n".join(text) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> None:
     cols = ["init", "label_fraction", "n_seeds", "mean", "std", "diff_vs_scratch", "ci95_low",
-            "ci95_high", "values"]
+            "ci95_high", "values", *extra]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, restval="")
         w.writeheader()
@@ -154,10 +216,13 @@ def _budget_lines(results: list[CellResult], fractions: list[float],
         cells = [r.summary for r in results if r.fraction == f]
         ups = sorted({s["updates"] for s in cells})
         imgs = sorted({s["train_images"] for s in cells})
+        boxes = sorted({s["train_boxes"] for s in cells if "train_boxes" in s})
         gb = sorted({s["global_batch"] for s in cells})
         ep = sorted({s["epochs"] for s in cells})
         same = len(ups) == 1
-        lines.append(f"- label fraction {f:g}: {'/'.join(map(str, imgs))} training images, "
+        lines.append(f"- label fraction {f:g}: {'/'.join(map(str, imgs))} training images"
+                     + (f" with {'/'.join(map(str, boxes))} boxes (per seed)" if boxes else "")
+                     + ", "
                      f"{'/'.join(map(str, ep))} epochs, {'/'.join(map(str, ups))} updates of "
                      f"{'/'.join(map(str, gb))} images per cell"
                      + (f" (`{' '.join(fraction_overrides[f])}`)" if f in fraction_overrides else "")
@@ -166,12 +231,15 @@ def _budget_lines(results: list[CellResult], fractions: list[float],
 
 
 def _markdown(cmp: Any, table: str, budget: list[str], notes: dict[str, list[str]],
-              provenance: dict[str, str], results: list[CellResult], scratch: str | None) -> str:
+              provenance: dict[str, str], results: list[CellResult], scratch: str | None,
+              task: str) -> str:
     seeds = sorted({r.seed for r in results})
     which = ("the last epoch's validation score" if cmp.score == "final" else
              "the best epoch's validation score (selected on the same split: optimistic)")
     text = [f"# Comparison `{cmp.run.name}`", "",
-            f"Metric: validation `{cmp.metric}` of the fine-tuned classifier, {which}; mean ± sample std over seeds "
+            f"Metric: validation `{cmp.metric}` of the fine-tuned "
+            f"{'detector' if task == 'detect' else 'classifier'}, {which}; mean ± sample std "
+            "over seeds "
             f"{seeds} (n per cell in brackets); the best mean per column in bold. "
             + (f"Δ: the mean paired difference to `{scratch}` (same seed = same labeled subset, "
                "data order, augmentations and head initialisation) with its 95% t-interval over "
@@ -223,23 +291,23 @@ def _plot_label_efficiency(path: Path, rows: list[dict], inits: list[str], metri
 
 
 def _plot_curves(path: Path, results: list[CellResult], inits: list[str], fractions: list[float],
-                 metric: str) -> None:
-    """Validation metric per epoch: one panel per label fraction, one colour per init, one thin
-    line per seed."""
+                 key: str) -> None:
+    """Validation metric per optimizer update: one panel per label fraction, one colour per
+    init, one thin line per seed."""
     fig, axes = plt.subplots(1, len(fractions), figsize=(4.5 * len(fractions), 3.6),
                              squeeze=False)
     colors = {n: f"C{i}" for i, n in enumerate(inits)}
     for ax, f in zip(axes[0], fractions):
         for r in (r for r in results if r.fraction == f):
-            pts = [(c["epoch"], c[f"val/{metric}"]) for c in r.curve if f"val/{metric}" in c]
+            pts = [(c["step"], c[f"val/{key}"]) for c in r.curve if f"val/{key}" in c]
             if pts:
                 xs, ys = zip(*pts)
                 first = r.seed == min(x.seed for x in results if x.init_name == r.init_name)
                 ax.plot(xs, ys, color=colors[r.init_name], alpha=0.8, marker=".",
                         label=r.init_name if first else None)
         ax.set_title(f"label fraction {f:g}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"validation {metric}")
+        ax.set_xlabel("update")
+        ax.set_ylabel(f"validation {key}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

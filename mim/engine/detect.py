@@ -23,6 +23,7 @@ from mim.checkpoint import load_weights_into, state_dict_for_save
 from mim.config import ConfigError, load_config
 from mim.data.detection import build_detection_loader, detection_transform, pad_collate
 from mim.data.detection_sources import build_detection_source, coco_ground_truth
+from mim.data.labels import DetectionSubset, covering_subset
 from mim.data.loader import EpochLoader
 from mim.engine.accounting import count_flops, fmt_count, print_accounting
 from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
@@ -44,6 +45,7 @@ class DetectionData:
     category_ids: list[int]
     ground_truth: dict[str, Any]  # the validation split as COCO instances
     val_issues: list[str]  # validation boxes/label lines dropped (degenerate, malformed)
+    train_boxes: int  # boxes of the training images used (after data.label_fraction)
 
 
 def _val_loader(cfg: Any, source: Any, rank: int, world: int, size_div: int) -> EpochLoader:
@@ -60,6 +62,10 @@ def build_detection_data(cfg: Any, rank: int, world: int, size_div: int) -> Dete
     d, m = cfg.data, cfg.model
     train = build_detection_source(d, m.img_size, cfg.run.seed, d.split)
     val = build_detection_source(d, m.img_size, cfg.run.seed, d.val_split)
+    image_classes = [train.annotations(i).labels.tolist() for i in range(len(train))]
+    if d.label_fraction < 1:
+        keep = covering_subset(image_classes, d.label_fraction, cfg.run.seed)
+        train, image_classes = DetectionSubset(train, keep), [image_classes[i] for i in keep]
     if val.classes != train.classes:
         raise ConfigError(f"'{d.split}' and '{d.val_split}' have different classes "
                           f"({len(train.classes)} vs {len(val.classes)})")
@@ -70,7 +76,8 @@ def build_detection_data(cfg: Any, rank: int, world: int, size_div: int) -> Dete
         seed=cfg.run.seed, size_divisibility=size_div, pin_memory=torch.cuda.is_available())
     gt = coco_ground_truth(val)
     return DetectionData(train_loader, _val_loader(cfg, val, rank, world, size_div),
-                         train.classes, train.category_ids, gt, list(val.issues))
+                         train.classes, train.category_ids, gt, list(val.issues),
+                         sum(map(len, image_classes)))
 
 
 def _num_classes(cfg: Any, classes: list[str]) -> int:
@@ -107,7 +114,9 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
         ("run directory", run_dir), ("init", f"{cfg.init} ({init_report.kind})"),
         ("model", f"{m.arch}, max side {m.img_size} px, patch {m.patch_size}, pyramid strides "
                   f"{model.strides}, {model.head.classification_head.num_anchors} anchors/pos"),
-        ("train images", len(data.train.dataset)), ("val images", len(data.val.dataset)),
+        ("train images", f"{len(data.train.dataset)} ({data.train_boxes} boxes"
+                         + (f", label fraction {d.label_fraction:g})" if d.label_fraction < 1
+                            else ")")), ("val images", len(data.val.dataset)),
         ("classes", f"{model.num_classes}"), ("val box issues", len(data.val_issues)),
         ("per-device batch", d.batch_size), ("devices", f"{acc.num_processes} ({acc.device.type})"),
         ("global batch", global_batch), ("updates / epoch", updates_per_epoch),
@@ -160,6 +169,8 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
         write_json(run_dir / "summary.json", {
             **{k: last_eval.get(k) for k in METRIC_KEYS},
             "per_class_ap": last_eval.get("per_class_ap", {}), "updates": state.step,
+            "train_images": len(data.train.dataset), "train_boxes": data.train_boxes,
+            "label_fraction": d.label_fraction,
             "epochs": state.epoch, "images_seen": state.images_seen,
             "bad_samples": state.bad_samples, "nonfinite_updates": guards.nonfinite.total,
             "val_box_issues": len(data.val_issues),
