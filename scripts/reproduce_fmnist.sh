@@ -14,14 +14,6 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_fmnist.sh"
 SRC=(); [ -z "${FMNIST_SRC:-}" ] || SRC=(--src "$FMNIST_SRC")
 TIMES="$OUT/reproduce_times.txt"
-step() {  # name, command...: runs it once (skipped when its marker exists), logs its wall time
-    local name=$1 marker=$2; shift 2
-    if [ -e "$marker" ]; then echo "== $name: done ($marker)"; return; fi
-    echo "== $name"
-    local t0=$SECONDS
-    "$@"
-    echo "$name: $((SECONDS - t0)) s" | tee -a "$TIMES"
-}
 
 step "data: all classes" runs/data/fmnist/dataset_dict.json \
     python scripts/prepare_fmnist.py "${SRC[@]}"

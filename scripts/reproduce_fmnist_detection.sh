@@ -16,14 +16,6 @@ OUT=runs/fmnist-det
 mkdir -p "$OUT"
 SRC=(); [ -z "${FMNIST_SRC:-}" ] || SRC=(--src "$FMNIST_SRC")
 TIMES="$OUT/reproduce_times.txt"
-step() {  # name, marker, command...: runs it once (skipped when the marker exists), logs wall time
-    local name=$1 marker=$2; shift 2
-    if [ -e "$marker" ]; then echo "== $name: done ($marker)"; return; fi
-    echo "== $name"
-    local t0=$SECONDS
-    "$@"
-    echo "$name: $((SECONDS - t0)) s" | tee -a "$TIMES"
-}
 
 step "data: detection canvases" runs/data/fmnist-det/annotations/instances_val.json \
     python scripts/make_fmnist_detection.py "${SRC[@]}"
@@ -39,7 +31,7 @@ step "supervised pretraining (20,000 labeled images, 28 px)" \
         data.path=runs/data/fmnist-20k run.name=supervised-fmnist-20k train.epochs=1 \
         optim.warmup_epochs=0.2 tracking.backend=none "$@"
 step "compare: 3 inits x 2 fractions x 3 seeds" "$OUT/fmnist-detect-compare/report.md" \
-    mim compare --config configs/compare/detect_fmnist.yaml
+    mim compare --config configs/compare/detect_fmnist.yaml tracking.backend=none
 
 echo
 sed -n '/^| init/,/^$/p' "$OUT/fmnist-detect-compare/report.md"

@@ -42,6 +42,22 @@ def two_process_launch(port: int) -> tuple[list[str], dict[str, str]]:
             "--main_process_port", str(port), "-m", "mim"], env
 
 
+def run_compare_two_processes(cfg, tmp_path: Path, port: int) -> str:
+    """``mim compare`` of the validated config ``cfg`` as a real 2-process CPU launch; asserts
+    it succeeded and returns its stdout."""
+    import subprocess
+
+    import yaml
+
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    launch, env = two_process_launch(port)
+    r = subprocess.run(launch + ["compare", "--config", str(path)], capture_output=True,
+                       text=True, timeout=300, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
 

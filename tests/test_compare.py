@@ -15,7 +15,7 @@ from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
 from mim.models.encoder import create_vit
 from mim.models.init import load_encoder_init
-from tests.conftest import REPO, TINY, two_process_launch
+from tests.conftest import REPO, TINY, run_compare_two_processes
 
 RECIPE_TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
                "data.synthetic_size=32", "data.batch_size=16", "data.num_workers=0",
@@ -87,19 +87,10 @@ def test_compare_end_to_end_and_resume(tmp_path, supervised_run, capsys):
 
 
 def test_two_process_compare_runs_each_cell_across_both(tmp_path, supervised_run):
-    import subprocess
-
-    import yaml
-
     cfg = _compare_cfg(tmp_path, {"scratch": "scratch", "sup": str(supervised_run)},
                        "label_fractions=[1.0]", "seeds=[0]")
-    path = tmp_path / "cmp.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    launch, env = two_process_launch(29541)
-    r = subprocess.run(launch + ["compare", "--config", str(path)], capture_output=True,
-                       text=True, timeout=300, env=env, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("devices             2 (cpu)") == 2  # each cell on both processes
+    out = run_compare_two_processes(cfg, tmp_path, 29541)
+    assert out.count("devices             2 (cpu)") == 2  # each cell on both processes
     for cell in ("scratch_f1_s0", "sup_f1_s0"):
         rec = read_metrics(tmp_path / "cmp" / "cells" / cell / "metrics.jsonl")
         assert [x["val/num_samples"] for x in rec if "val/num_samples" in x] == [64]

@@ -3,11 +3,8 @@ class-covering fraction of annotated images that detection label fractions train
 
 import csv
 import json
-import subprocess
-
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from mim import load_config
@@ -15,7 +12,7 @@ from mim.config import ConfigError
 from mim.data.labels import covering_subset
 from mim.engine.compare import Cell, cell_config, compare
 from mim.models.encoder import create_vit
-from tests.conftest import REPO, two_process_launch
+from tests.conftest import REPO, run_compare_two_processes
 
 RECIPE = REPO / "configs/detect/demo.yaml"
 RECIPE_TINY = ["model.img_size=32", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
@@ -102,13 +99,8 @@ def test_metric_must_fit_the_recipe_task(tmp_path, other_encoder):
 def test_two_process_detection_compare_scores_each_validation_image_once(tmp_path,
                                                                          other_encoder):
     cfg = _compare_cfg(tmp_path, other_encoder, "label_fractions=[1.0]", "seeds=[0]")
-    path = tmp_path / "cmp.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    launch, env = two_process_launch(29543)
-    r = subprocess.run(launch + ["compare", "--config", str(path)], capture_output=True,
-                       text=True, timeout=300, env=env, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("devices           2 (cpu)") == 2  # each cell on both processes
+    out = run_compare_two_processes(cfg, tmp_path, 29543)
+    assert out.count("devices           2 (cpu)") == 2  # each cell on both processes
     for cell in ("scratch_f1_s0", "other_f1_s0"):
         run = tmp_path / "cmp" / "cells" / cell
         gt = json.loads((run / "ground_truth.json").read_text())
@@ -119,7 +111,7 @@ def test_two_process_detection_compare_scores_each_validation_image_once(tmp_pat
         assert sorted(per_image) == sorted(im["id"] for im in gt["images"])
         assert all(len(v) == len(set(v)) for v in per_image.values())  # no image twice
     with open(tmp_path / "cmp" / "report.csv") as f:
-        assert [row["init"] for row in csv.DictReader(f)] == ["scratch", "other"]
+        assert sorted(row["init"] for row in csv.DictReader(f)) == ["other", "scratch"]
 
 
 def test_covering_subset_is_seeded_stable_and_keeps_every_class():
@@ -138,3 +130,12 @@ def test_covering_subset_is_seeded_stable_and_keeps_every_class():
     assert covering_subset(images, 1.0, seed=5) == list(range(200))
     tiny = covering_subset(images, 0.001, seed=5)  # quota 1: classes cannot all be kept
     assert len(tiny) == 1 and len(images[tiny[0]]) >= 1
+
+
+@pytest.mark.parametrize("name", ["detect_demo.yaml", "detect_fmnist.yaml"])
+def test_shipped_detection_compare_configs_make_detection_cells(name):
+    cmp = load_config(REPO / "configs/compare" / name, ["inits={scratch: scratch}"],
+                      job="compare")
+    for f in cmp.label_fractions:
+        cell = cell_config(cmp, Cell("scratch", f, 0))
+        assert cell.task == "detect" and cell.data.label_fraction == f
