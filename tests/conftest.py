@@ -42,6 +42,17 @@ def two_process_launch(port: int) -> tuple[list[str], dict[str, str]]:
             "--main_process_port", str(port), "-m", "mim"], env
 
 
+def read_compare_report(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a finished comparison's report.csv, after checking that all four report files
+    are there."""
+    import csv
+
+    for name in ("report.md", "report.csv", "label_efficiency.png", "curves.png"):
+        assert (run_dir / name).is_file(), name
+    with open(run_dir / "report.csv") as f:
+        return list(csv.DictReader(f))
+
+
 def run_compare_two_processes(cfg, tmp_path: Path, port: int) -> str:
     """``mim compare`` of the validated config ``cfg`` as a real 2-process CPU launch; asserts
     it succeeded and returns its stdout."""

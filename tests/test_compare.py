@@ -15,7 +15,7 @@ from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
 from mim.models.encoder import create_vit
 from mim.models.init import load_encoder_init
-from tests.conftest import REPO, TINY, run_compare_two_processes
+from tests.conftest import REPO, TINY, read_compare_report, run_compare_two_processes
 
 RECIPE_TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
                "data.synthetic_size=32", "data.batch_size=16", "data.num_workers=0",
@@ -66,10 +66,7 @@ def _compare_cfg(tmp_path, inits, *extra):
 def test_compare_end_to_end_and_resume(tmp_path, supervised_run, capsys):
     cfg = _compare_cfg(tmp_path, {"scratch": "scratch", "sup": str(supervised_run)})
     run_dir = compare(cfg)
-    for name in ("report.md", "report.csv", "label_efficiency.png", "curves.png"):
-        assert (run_dir / name).is_file(), name
-    with open(run_dir / "report.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_compare_report(run_dir)
     assert [(r["init"], float(r["label_fraction"]), int(r["n_seeds"])) for r in rows] == [
         ("scratch", 0.5, 2), ("scratch", 1.0, 2), ("sup", 0.5, 2), ("sup", 1.0, 2)]
     sup = rows[2]

@@ -12,7 +12,7 @@ from mim.config import ConfigError
 from mim.data.labels import covering_subset
 from mim.engine.compare import Cell, cell_config, compare
 from mim.models.encoder import create_vit
-from tests.conftest import REPO, run_compare_two_processes
+from tests.conftest import REPO, read_compare_report, run_compare_two_processes
 
 RECIPE = REPO / "configs/detect/demo.yaml"
 RECIPE_TINY = ["model.img_size=32", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
@@ -52,10 +52,7 @@ def test_detection_compare_writes_the_report_in_map_and_skips_finished_cells(
         tmp_path, other_encoder, capsys):
     cfg = _compare_cfg(tmp_path, other_encoder)
     run_dir = compare(cfg)
-    for name in ("report.md", "report.csv", "label_efficiency.png", "curves.png"):
-        assert (run_dir / name).is_file(), name
-    with open(run_dir / "report.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_compare_report(run_dir)
     assert [(r["init"], float(r["label_fraction"]), int(r["n_seeds"])) for r in rows] == [
         ("scratch", 0.5, 2), ("other", 0.5, 2)]
     for r in rows:
