@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mim.config.common import (JobConfig, LoopConfig, OptimConfig, RunConfig, TrackingConfig,
-                               validate_common)
+                               validate_common, validate_init)
 from mim.data.config import DataConfig
 from mim.methods import LEGACY_FLAT_KEYS, MethodConfig, method_configs
 from mim.models.encoder import ModelConfig
@@ -22,6 +22,8 @@ class TrainConfig(LoopConfig):
 
 @dataclass
 class PretrainConfig(JobConfig):
+    init: str = "scratch"  # scratch | mim run/checkpoint | .safetensors | MAE/BEiT .pth | timm:<n>
+    init_file: str = ""  # timm:<name> weights from a local file instead of a download
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     # the section's dataclass is the one of its method (mim.methods), chosen by method.name
@@ -34,3 +36,4 @@ class PretrainConfig(JobConfig):
     def validate(self) -> None:
         validate_common(self)
         self.method.check(self.model)
+        validate_init(self)

@@ -18,9 +18,11 @@ from mim.engine.accounting import count_flops, fmt_count, print_accounting
 from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
 from mim.engine.optim import apply_speed_options, build_optimizer, build_scheduler
 from mim.engine.run import check_disk_space, run_job, write_json
-from mim.engine.state import LoopState, save_training_state
+from mim.engine.state import LoopState, resolve_resume, save_training_state
 from mim.engine.tracking import MetricsLog, log_model_artifact
 from mim.methods import build_pretrainer
+from mim.models.init import InitReport
+from mim.models.pretrain_init import load_pretrainer_init
 from mim.viz import pretrain_grid, save_grid
 
 
@@ -35,6 +37,7 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
         cfg.method.num_classes = num_classes_of(source, cfg.method.num_classes)
     set_seed(cfg.run.seed)
     model = build_pretrainer(cfg)
+    init_report = _continue_from_init(acc, cfg, run_dir, model)
     needs_labels = model.needs_labels  # forward(images, labels=...)
     d = cfg.data
     loader = build_epoch_loader(
@@ -58,6 +61,7 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
     all_params = sum(p.numel() for p in model.parameters())
     print_accounting(acc, [
         ("run directory", run_dir), ("method", cfg.method.name), ("encoder", cfg.model.arch),
+        ("init", cfg.init if init_report is None else f"{cfg.init} ({init_report.kind})"),
         ("images", len(source)), ("per-device batch", d.batch_size),
         ("devices", f"{acc.num_processes} ({acc.device.type})"), ("accumulation", accum),
         ("global batch", global_batch), ("iterations / epoch", loader.batches_per_epoch),
@@ -67,6 +71,8 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
         ("parameters", f"{fmt_count(all_params)} ({fmt_count(enc_params)} encoder)"),
         ("FLOPs / image", f"{fmt_count(flops)} forward, ~{fmt_count(3 * flops)} train step"),
     ])
+    for line in init_report.lines() if init_report is not None else []:
+        acc.print(line)
     model, optimizer, state, metrics, _ = start_loop(acc, cfg, run_dir, model, optimizer)
     if state.step >= total_updates:
         acc.print(f"run already complete ({state.step} updates)")
@@ -91,6 +97,22 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
         acc.print(f"done: {state.step} updates. Results in {run_dir}/ "
                   "(config.yaml, metrics.jsonl, checkpoints/, encoder.safetensors, recon_*.png)")
     return run_dir
+
+
+def _continue_from_init(acc, cfg: Any, run_dir: Path, model: torch.nn.Module
+                        ) -> InitReport | None:
+    """Load ``init`` into a new run (what was loaded goes to init_report.json); a run that
+    resumes keeps its checkpoint's weights, the init is not applied again over them."""
+    if cfg.init == "scratch":
+        return None
+    resume = resolve_resume(cfg, run_dir)
+    if resume is not None:
+        acc.print(f"init: {cfg.init} not applied again: the run resumes from {resume}")
+        return None
+    report = load_pretrainer_init(model, cfg.init, cfg.init_file)
+    if acc.is_main_process:
+        write_json(run_dir / "init_report.json", report.to_dict())
+    return report
 
 
 def _train(acc, cfg, model, optimizer, scheduler, loader, state: LoopState, metrics: MetricsLog,

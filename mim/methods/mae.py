@@ -41,8 +41,9 @@ class MAEDecoder(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(grid_size, dim, num_prefix_tokens),
-                             persistent=False)
+        # fixed, but saved: a table loaded from an official MAE checkpoint (its own sin-cos
+        # layout) must survive a resume
+        self.register_buffer("pos_embed", sincos_pos_embed(grid_size, dim, num_prefix_tokens))
         self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True,
                                             norm_layer=nn.LayerNorm) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)

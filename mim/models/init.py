@@ -80,7 +80,12 @@ def load_encoder_init(vit: VisionTransformer, init: str, init_file: str = "",
     ``strict``, weights that fill less than MIN_INIT_SHARE of it are an error."""
     if init == "scratch":
         return InitReport(kind="scratch", source="")
-    state, kind, source = read_init_state(init, init_file)
+    return load_encoder_state(vit, *read_init_state(init, init_file))
+
+
+def load_encoder_state(vit: VisionTransformer, state: StateDict, kind: str,
+                       source: str) -> InitReport:
+    """Fit a state dict as read by :func:`read_init_state` into ``vit`` and say what happened."""
     state, dropped = to_timm_keys(state, vit)
     state, adapted, dropped_head = fit_to_model(state, vit)
     missing, unexpected = vit.load_state_dict(state, strict=False)
@@ -293,11 +298,18 @@ def resample_pos_embed(pos: torch.Tensor, vit: VisionTransformer) -> torch.Tenso
     The checkpoint's prefix rows (class/register tokens) are those beyond the largest square;
     rows the ViT lacks are dropped, rows it has more of start at zero.
     """
+    return resample_pos_table(pos, tuple(vit.patch_embed.grid_size),
+                              0 if vit.no_embed_class else vit.num_prefix_tokens)
+
+
+def resample_pos_table(pos: torch.Tensor, grid_size: tuple[int, int],
+                       dst_prefix: int) -> torch.Tensor:
+    """(1, prefix + s*s, D) from a square grid -> (1, dst_prefix + H*W, D), prefix rows kept as
+    far as they go (any position table: the encoder's, or an MAE decoder's)."""
     n = pos.shape[1]
     side = math.isqrt(n)
     src_prefix = n - side * side
-    dst_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-    table = resample_abs_pos_embed(pos[:, src_prefix:], new_size=list(vit.patch_embed.grid_size),
+    table = resample_abs_pos_embed(pos[:, src_prefix:], new_size=list(grid_size),
                                    old_size=[side, side], num_prefix_tokens=0)
     prefix = pos[:, :min(src_prefix, dst_prefix)]
     if prefix.shape[1] < dst_prefix:
