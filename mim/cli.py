@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("benchmark", add_help=False,
                    help="training-step, input-pipeline and scaling benchmarks against references "
                         "(mim benchmark --help)")
+    knn = sub.add_parser("knn", help="k-NN top-1 of an init's frozen encoder on a labeled set "
+                                     "(one JSON line)")
+    knn.add_argument("--init", required=True, help="a mim run or file, MAE/BEiT .pth, timm:<name>")
+    knn.add_argument("--init-file", default="", help="local weights for --init timm:<name>")
+    knn.add_argument("--data", required=True,
+                     help="a folder (train/ and val/ of class sub-folders), a dataset, or "
+                          "'synthetic'; without a val split a stratified hold-out is probed")
+    knn.add_argument("overrides", nargs="*", help="dotted key=value overrides (model.*, data.*, "
+                                                  "k, temperature, linear_epochs, seed)")
     ev = sub.add_parser("evaluate", help="re-evaluate a finished fine-tuning or detection run")
     ev.add_argument("--run", required=True, help="the run directory")
     ev.add_argument("--split", default="", help="dataset split (default: the run's val split)")
@@ -81,6 +90,11 @@ def _run(args: argparse.Namespace) -> int:
         else:
             from mim.engine.evaluate import evaluate_run
         evaluate_run(args.run, args.split)
+        return 0
+    if args.command == "knn":
+        from mim.engine.knn import knn_command
+
+        knn_command(args.init, args.data, args.init_file, args.overrides)
         return 0
     if args.command == "evaluate-detections":
         return _evaluate_detections(args)

@@ -19,8 +19,9 @@ LAYERS: list[list[str]] = [
     ["mim.data"],
     ["mim.metrics"],
     ["mim.models"],  # the encoder, its init, the classifier and the detector
-    ["mim.methods"],  # one file per pretraining method, on the encoder
+    ["mim.methods", "mim.inference"],  # one file per pretraining method; embedding images
     ["mim.config"],  # the jobs' schemas and loading
+    ["mim.probe"],  # k-NN / linear probes of an encoder on a labeled set
     ["mim.engine"],
     ["mim.inference"],  # load_model, predict, embed, export: using what the engine trained
     ["mim.cli", "mim.bench", "mim.__main__", "mim"],

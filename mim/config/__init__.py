@@ -27,6 +27,7 @@ from mim.config.finetune import (ClassifierModelConfig, DropoutConfig, FinetuneC
                                  FinetuneDataConfig, FinetuneOptimConfig, FinetuneTrainConfig,
                                  LossConfig, MixupConfig, TuneConfig)
 from mim.config.pretrain import PretrainConfig, TrainConfig
+from mim.config.probe import KnnConfig, MonitorConfig, ProbeDataConfig
 from mim.data.config import DataConfig
 from mim.errors import ConfigError, RunError
 from mim.methods import MethodConfig
@@ -34,7 +35,8 @@ from mim.models.encoder import ModelConfig
 from mim.typed_config import apply_overrides, build, check_finite_floats, read_yaml
 
 SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig,
-                            "detect": DetectConfig, "compare": CompareConfig}
+                            "detect": DetectConfig, "compare": CompareConfig,
+                            "knn": KnnConfig}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -88,7 +90,8 @@ __all__ = ["ClassifierModelConfig", "ClipGradConfig", "CompareConfig", "CompareR
            "ConfigError", "DataConfig", "DetectConfig", "DetectDataConfig", "DetectEvalConfig",
            "DetectLossConfig", "DetectModelConfig", "DetectOptimConfig", "DetectTrainConfig",
            "DropoutConfig", "FinetuneConfig", "FinetuneDataConfig", "FinetuneOptimConfig",
-           "FinetuneTrainConfig", "JobConfig", "LoopConfig", "LossConfig", "MethodConfig",
-           "MixupConfig", "ModelConfig", "OptimConfig", "PretrainConfig", "RunConfig",
+           "FinetuneTrainConfig", "JobConfig", "KnnConfig", "LoopConfig", "LossConfig",
+           "MethodConfig", "MixupConfig", "ModelConfig", "MonitorConfig", "OptimConfig",
+           "PretrainConfig", "ProbeDataConfig", "RunConfig",
            "RunError", "SCHEMAS", "TrackingConfig", "TrainConfig", "TuneConfig",
            "config_from_dict", "finetune_task", "load_config", "save_config"]

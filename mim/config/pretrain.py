@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from mim.config.common import (JobConfig, LoopConfig, OptimConfig, RunConfig, TrackingConfig,
                                validate_common, validate_init)
+from mim.config.probe import MonitorConfig
 from mim.data.config import DataConfig
 from mim.methods import LEGACY_FLAT_KEYS, MethodConfig, method_configs
 from mim.models.encoder import ModelConfig
@@ -32,8 +33,10 @@ class PretrainConfig(JobConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
         validate_common(self)
         self.method.check(self.model)
         validate_init(self)
+        self.monitor.validate()

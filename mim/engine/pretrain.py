@@ -23,6 +23,7 @@ from mim.engine.tracking import MetricsLog, log_model_artifact
 from mim.methods import build_pretrainer
 from mim.models.init import InitReport
 from mim.models.pretrain_init import load_pretrainer_init
+from mim.engine.monitor import Monitor
 from mim.viz import pretrain_grid, save_grid
 
 
@@ -57,6 +58,7 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
     model = apply_speed_options(model.to(acc.device), cfg)
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, total_updates, updates_per_epoch)
+    monitor = Monitor.for_run(acc, cfg, run_dir)
     enc_params = sum(p.numel() for p in model.encoder.parameters())
     all_params = sum(p.numel() for p in model.parameters())
     print_accounting(acc, [
@@ -70,6 +72,7 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
          if not cfg.optim.lr else f"{lr:.3g}"),
         ("parameters", f"{fmt_count(all_params)} ({fmt_count(enc_params)} encoder)"),
         ("FLOPs / image", f"{fmt_count(flops)} forward, ~{fmt_count(3 * flops)} train step"),
+        *([monitor.accounting()] if monitor is not None else []),
     ])
     for line in init_report.lines() if init_report is not None else []:
         acc.print(line)
@@ -82,7 +85,7 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
     guards = Guards.for_run(acc, cfg, len(source))
     try:
         stopped = _train(acc, cfg, model, optimizer, scheduler, loader, state, metrics, run_dir,
-                         meta, guards, vis_images)
+                         meta, guards, vis_images, monitor)
     finally:
         guards.stop.restore()
     save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
@@ -116,14 +119,19 @@ def _continue_from_init(acc, cfg: Any, run_dir: Path, model: torch.nn.Module
 
 
 def _train(acc, cfg, model, optimizer, scheduler, loader, state: LoopState, metrics: MetricsLog,
-           run_dir: Path, meta: dict, guards: Guards, vis_images: torch.Tensor) -> str | None:
+           run_dir: Path, meta: dict, guards: Guards, vis_images: torch.Tensor,
+           monitor: Monitor | None) -> str | None:
     """Epochs from ``state`` to the end; returns why it stopped early ('max_steps', 'signal')."""
     forward = partial(_forward, acc, model, meta["needs_labels"])
+    if monitor is not None and state.step == 0:
+        monitor.after_epochs(acc, model, state, metrics, 0, export_encoder)
     while state.epoch < cfg.train.epochs:
         stopped = run_epoch(acc, cfg, model, optimizer, scheduler, loader, state, metrics,
                             run_dir, meta, guards, forward)
         if stopped:
             return stopped
+        if monitor is not None:
+            monitor.after_epochs(acc, model, state, metrics, state.epoch + 1, export_encoder)
         last = state.epoch == cfg.train.epochs - 1
         every = cfg.train.vis_every
         if acc.is_main_process and ((every and (state.epoch + 1) % every == 0) or last):
