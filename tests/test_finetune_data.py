@@ -27,8 +27,9 @@ def data(*over):
 
 def test_image_folder_with_class_subfolders(tmp_path):
     image_folder(tmp_path, "train", 4)
-    with pytest.raises(ConfigError, match="has no 'validation' split"):
-        data(f"data.path={tmp_path}")
+    held = data(f"data.path={tmp_path}")  # no validation/ folder: 1 of 4 per class held out
+    assert held.held_out is not None and held.held_out["images"] == 3
+    assert (held.all_train_images, held.val_images) == (9, 3)
     image_folder(tmp_path, "validation", 2)
     d = data(f"data.path={tmp_path}", "data.label_fraction=0.5")
     assert (d.num_classes, d.class_names) == (3, CLASSES)
@@ -55,3 +56,17 @@ def test_saved_and_hub_style_splits(tmp_path, layout):
     d = data(f"{key}={tmp_path / 'd'}")
     assert (d.train_images, d.val_images, d.num_classes) == (9, 6, 3)
     assert d.class_names == CLASSES  # the ClassLabel survives in the parquet schema
+
+
+def test_held_out_validation_is_the_same_for_every_seed_and_label_fraction(tmp_path):
+    image_folder(tmp_path, "train", 20)
+    runs = [data(f"data.path={tmp_path}", f"run.seed={seed}", f"data.label_fraction={f}")
+            for seed, f in ((0, 1.0), (1, 0.5), (2, 0.1))]
+    files = [r.held_out["files"] for r in runs]
+    assert files[0] == files[1] == files[2] and len(files[0]) == 6  # 2 of 20 per class
+    assert all(f"/train/{c}/" in f for c, f in zip([c for c in CLASSES for _ in (0, 1)], files[0]))
+    assert {r.all_train_images for r in runs} == {54}
+    other = data(f"data.path={tmp_path}", "data.val_split_seed=7").held_out["files"]
+    assert other != files[0] and len(other) == 6
+    with pytest.raises(ConfigError, match="val_fraction"):
+        data(f"data.path={tmp_path}", "data.val_fraction=1.5")

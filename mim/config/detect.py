@@ -33,6 +33,8 @@ class DetectDataConfig(DataConfig):
     format: Literal["coco", "yolo", "hf"] = "coco"  # how data.path / data.name is laid out
     split: str = "train"
     val_split: str = "val"
+    val_fraction: float = 0.1  # no val_split: a hold-out of 'split', as fine-tuning's
+    val_split_seed: int = 0
     objects_column: str = "objects"  # hf: a dict column with a box list and a category list
     bbox_key: str = "bbox"
     category_key: str = "category"
@@ -134,6 +136,8 @@ def validate_detect(cfg: DetectConfig) -> None:
     check(d.min_box_size >= 0, "config key 'data.min_box_size' must be >= 0")
     check(d.eval_batch_size >= 0, "config key 'data.eval_batch_size' must be >= 0")
     check(bool(d.val_split), "config key 'data.val_split' must be set")
+    check(0 < d.val_fraction < 1,
+          f"config key 'data.val_fraction' must be in (0, 1), got {d.val_fraction}")
     check(0 < o.layer_decay <= 1, f"config key 'optim.layer_decay' must be in (0, 1], "
                                    f"got {o.layer_decay}")
     check(lo.focal_alpha < 1, "config key 'loss.focal_alpha' must be < 1 (negative = no weight)")

@@ -32,6 +32,10 @@ class TuneConfig:
 class FinetuneDataConfig(DataConfig):
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop as timm/MAE fine-tuning
     val_split: str = "validation"  # evaluated every train.eval_every epochs
+    # no val_split in the data: a class-stratified hold-out of this fraction of 'split', drawn
+    # from val_split_seed (not run.seed: every seed and compare cell scores the same images)
+    val_fraction: float = 0.1
+    val_split_seed: int = 0
     label_fraction: float = 1.0  # class-stratified fraction of the training labels
     auto_augment: str = ""  # timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (MAE)
     reprob: float = 0.0  # random erasing probability (MAE: 0.25)
@@ -117,6 +121,8 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     check(0 < d.label_fraction <= 1,
            f"config key 'data.label_fraction' must be in (0, 1], got {d.label_fraction}")
     check(bool(d.val_split), "config key 'data.val_split' must be set")
+    check(0 < d.val_fraction < 1,
+          f"config key 'data.val_fraction' must be in (0, 1), got {d.val_fraction}")
     check(0 <= d.reprob <= 1 and 0 <= d.hflip <= 1,
            "config keys 'data.reprob'/'data.hflip' must be in [0, 1]")
     check(0 < d.eval_crop_pct <= 1, "config key 'data.eval_crop_pct' must be in (0, 1]")

@@ -113,19 +113,29 @@ def covering_subset(image_classes: list[list[int]], fraction: float, seed: int) 
 
 
 class DetectionSubset:
-    """The images ``indices`` of a detection source, renumbered 0..len-1; classes, category ids
-    and the label-issue list are the source's own."""
+    """The images ``indices`` of a detection source, renumbered 0..len-1; classes and category
+    ids are the source's. Label issues found while reading an image move to this subset's own
+    ``issues``, so a training and a validation subset of one source list theirs apart."""
 
     def __init__(self, source: Any, indices: list[int]) -> None:
-        self.source, self.indices = source, list(indices)
+        self.source, self.indices, self.issues = source, list(indices), []
         self.classes, self.category_ids = source.classes, source.category_ids
-        self.issues = source.issues
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def _take_issues(self, seen: int) -> None:
+        self.issues.extend(self.source.issues[seen:])
+        del self.source.issues[seen:]
+
     def annotations(self, index: int) -> Any:
-        return self.source.annotations(self.indices[index])
+        seen = len(self.source.issues)
+        out = self.source.annotations(self.indices[index])
+        self._take_issues(seen)
+        return out
 
     def load(self, index: int) -> tuple[Image.Image, Any, str]:
-        return self.source.load(self.indices[index])
+        seen = len(self.source.issues)
+        out = self.source.load(self.indices[index])
+        self._take_issues(seen)
+        return out

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mim.data.labels import SubsetSource, source_labels
+from mim.data.labels import DetectionSubset, SubsetSource, source_labels
 from mim.data.loader import sample_seed
 from mim.data.sources import build_source
 from mim.errors import ConfigError
@@ -24,6 +24,11 @@ def has_split(d: Any, split: str) -> bool:
     """Whether the source ``d`` names (a ``DataConfig``) holds ``split``."""
     if d.synthetic:
         return True
+    fmt = getattr(d, "format", "hf")  # detection data
+    if fmt == "coco":
+        return (Path(d.path) / "annotations" / f"instances_{split}.json").is_file()
+    if fmt == "yolo":
+        return any((Path(d.path) / sub / split).is_dir() for sub in ("images", "."))
     if d.path:
         p = Path(d.path)
         if (p / "dataset_dict.json").is_file():
@@ -91,8 +96,29 @@ def holdout_record(tv: TrainVal, d: Any, fraction: float, split_seed: int) -> di
 
 
 def _path_of(source: Any, index: int) -> str:
-    images = getattr(source, "_images", None)
-    if images is None:
-        return ""
-    cell = images[int(index)].as_py()
-    return (cell.get("path") or "") if isinstance(cell, dict) else str(cell)
+    """The file of image ``index`` where the source knows it without decoding ("" otherwise)."""
+    if getattr(source, "_images", None) is not None:  # a datasets table
+        cell = source._images[int(index)].as_py()
+        return (cell.get("path") or "") if isinstance(cell, dict) else str(cell)
+    if hasattr(source, "files"):  # YOLO
+        return str(source.files[index])
+    if hasattr(source, "coco"):
+        return str(source.image_dir / source.coco.imgs[source.image_ids[index]]["file_name"])
+    return ""
+
+
+def detection_train_val(d: Any, image_size: int, seed: int) -> TrainVal:
+    """As :func:`train_val_sources` for detection data; an image is stratified by its most
+    frequent class (images without objects form one more group)."""
+    from mim.data.detection_sources import build_detection_source
+
+    full = build_detection_source(d, image_size, seed, d.split)
+    if has_split(d, d.val_split):
+        return TrainVal(full, build_detection_source(d, image_size, seed, d.val_split))
+    groups = []
+    for i in range(len(full)):
+        labels = [int(v) for v in full.annotations(i).labels]
+        groups.append(max(set(labels), key=lambda c: (labels.count(c), -c)) if labels else -1)
+    full.issues.clear()  # read here for the grouping; the training loop lists its own
+    keep, held = stratified_holdout(groups, d.val_fraction, d.val_split_seed)
+    return TrainVal(DetectionSubset(full, keep), DetectionSubset(full, held), held)

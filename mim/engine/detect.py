@@ -25,6 +25,7 @@ from mim.data.detection import build_detection_loader, detection_transform, pad_
 from mim.data.detection_sources import build_detection_source, coco_ground_truth
 from mim.data.labels import DetectionSubset, covering_subset
 from mim.data.loader import EpochLoader
+from mim.data.splits import detection_train_val, has_split, holdout_record
 from mim.engine.accounting import count_flops, fmt_count, print_accounting
 from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
 from mim.engine.optim import build_optimizer, build_scheduler
@@ -46,6 +47,7 @@ class DetectionData:
     ground_truth: dict[str, Any]  # the validation split as COCO instances
     val_issues: list[str]  # validation boxes/label lines dropped (degenerate, malformed)
     train_boxes: int  # boxes of the training images used (after data.label_fraction)
+    held_out: dict | None = None  # the validation images held out of the training split
 
 
 def _val_loader(cfg: Any, source: Any, rank: int, world: int, size_div: int) -> EpochLoader:
@@ -60,9 +62,10 @@ def _val_loader(cfg: Any, source: Any, rank: int, world: int, size_div: int) -> 
 
 def build_detection_data(cfg: Any, rank: int, world: int, size_div: int) -> DetectionData:
     d, m = cfg.data, cfg.model
-    train = build_detection_source(d, m.img_size, cfg.run.seed, d.split)
-    val = build_detection_source(d, m.img_size, cfg.run.seed, d.val_split)
+    sets = detection_train_val(d, m.img_size, cfg.run.seed)
+    train, val = sets.train, sets.val
     image_classes = [train.annotations(i).labels.tolist() for i in range(len(train))]
+    train.issues.clear()  # read here for the class cover; the training loop lists its own
     if d.label_fraction < 1:
         keep = covering_subset(image_classes, d.label_fraction, cfg.run.seed)
         train, image_classes = DetectionSubset(train, keep), [image_classes[i] for i in keep]
@@ -75,9 +78,10 @@ def build_detection_data(cfg: Any, rank: int, world: int, size_div: int) -> Dete
         batch_size=d.batch_size, num_workers=d.num_workers, rank=rank, world_size=world,
         seed=cfg.run.seed, size_divisibility=size_div, pin_memory=torch.cuda.is_available())
     gt = coco_ground_truth(val)
+    held = holdout_record(sets, d, d.val_fraction, d.val_split_seed) if sets.held_out else None
     return DetectionData(train_loader, _val_loader(cfg, val, rank, world, size_div),
                          train.classes, train.category_ids, gt, list(val.issues),
-                         sum(map(len, image_classes)))
+                         sum(map(len, image_classes)), held)
 
 
 def _num_classes(cfg: Any, classes: list[str]) -> int:
@@ -98,6 +102,8 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
     m, d, o = cfg.model, cfg.data, cfg.optim
     size_div = int(m.patch_size / min(m.pyramid_scales))
     data = build_detection_data(cfg, acc.process_index, acc.num_processes, size_div)
+    if data.held_out is not None and acc.is_main_process:
+        write_json(run_dir / "val_split.json", data.held_out)
     model, init_report = build_detector(cfg, _num_classes(cfg, data.classes))
     budget = loop_budget(acc, cfg, data.train.batches_per_epoch, len(data.train.dataset),
                          "lower 'data.batch_size'")
@@ -307,7 +313,10 @@ def evaluate_run(run: str | Path, split: str = "") -> dict[str, Any]:
                       job="detect")
     split = split or cfg.data.val_split
     acc = make_accelerator(cfg)
-    source = build_detection_source(cfg.data, cfg.model.img_size, cfg.run.seed, split)
+    if split == cfg.data.val_split and not has_split(cfg.data, split):  # the held-out images
+        source = detection_train_val(cfg.data, cfg.model.img_size, cfg.run.seed).val
+    else:
+        source = build_detection_source(cfg.data, cfg.model.img_size, cfg.run.seed, split)
     model, _ = build_detector(cfg, _num_classes(cfg, source.classes), load_init=False)
     load_weights_into(model, weights)
     model.to(acc.device)

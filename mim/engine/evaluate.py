@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from mim.checkpoint import load_weights_into, state_dict_for_save
 from mim.config import ConfigError, load_config
 from mim.data import build_epoch_loader, build_source, eval_transform
+from mim.data.splits import has_split, train_val_sources
 from mim.engine.run import make_accelerator, write_json
 from mim.engine.state import LoopState
 from mim.engine.tracking import MetricsLog, log_model_artifact
@@ -160,7 +161,11 @@ def evaluate_run(run: str | Path, split: str = "") -> dict[str, Any]:
     load_weights_into(model, best_dir / "model.safetensors")
     model.to(acc.device)
     d = cfg.data
-    source = build_source(d, image_size=cfg.model.img_size, seed=cfg.run.seed, split=split)
+    if split == d.val_split and not has_split(d, split):  # the run's held-out images
+        source = train_val_sources(d, cfg.model.img_size, cfg.run.seed, d.val_fraction,
+                                   d.val_split_seed).val
+    else:
+        source = build_source(d, image_size=cfg.model.img_size, seed=cfg.run.seed, split=split)
     loader = build_epoch_loader(
         source, eval_transform(cfg.model.img_size, d.mean, d.std, crop_pct=d.eval_crop_pct),
         batch_size=d.eval_batch_size or d.batch_size, num_workers=d.num_workers,

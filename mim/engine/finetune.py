@@ -17,14 +17,15 @@ from accelerate.utils import set_seed
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from mim.data import EpochLoader, build_epoch_loader, build_source, eval_transform
+from mim.data import EpochLoader, build_epoch_loader, eval_transform
 from mim.data.labels import SubsetSource, class_names, source_labels, stratified_subset
+from mim.data.splits import holdout_record, train_val_sources
 from mim.data.transforms import finetune_transform
 from mim.engine.accounting import count_flops, fmt_count, print_accounting
 from mim.engine.evaluate import BestKeeper, evaluate, log_eval, write_finetune_summary
 from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
 from mim.engine.optim import build_optimizer, build_scheduler
-from mim.engine.run import check_disk_space, run_job
+from mim.engine.run import check_disk_space, run_job, write_json
 from mim.engine.state import LoopState, save_training_state
 from mim.engine.tracking import MetricsLog
 from mim.errors import ConfigError
@@ -41,13 +42,15 @@ class ClassificationData:
     train_images: int  # after label_fraction
     all_train_images: int
     val_images: int
+    held_out: dict | None = None  # the validation images held out of the training split
 
 
 def build_classification_data(cfg: Any, rank: int, world_size: int) -> ClassificationData:
     """Training loader on a class-stratified ``label_fraction`` and a validation loader that
     shards the ``val_split`` exactly (no padding, no repeated sample)."""
     d, m = cfg.data, cfg.model
-    full = build_source(d, image_size=m.img_size, seed=cfg.run.seed)
+    sets = train_val_sources(d, m.img_size, cfg.run.seed, d.val_fraction, d.val_split_seed)
+    full, val = sets.train, sets.val
     labels = source_labels(full)
     num_classes = m.num_classes or len(getattr(full, "classes", None) or []) or max(labels) + 1
     if min(labels) < 0 or max(labels) >= num_classes:
@@ -55,7 +58,6 @@ def build_classification_data(cfg: Any, rank: int, world_size: int) -> Classific
                           f"'model.num_classes' is {num_classes}")
     keep = stratified_subset(labels, d.label_fraction, cfg.run.seed)
     train = full if len(keep) == len(full) else SubsetSource(full, keep)
-    val = build_source(d, image_size=m.img_size, seed=cfg.run.seed, split=d.val_split)
     _check_val_split(d, full, val)
     val_labels = source_labels(val)
     if val_labels and (min(val_labels) < 0 or max(val_labels) >= num_classes):
@@ -70,19 +72,13 @@ def build_classification_data(cfg: Any, rank: int, world_size: int) -> Classific
     val_loader = build_epoch_loader(
         val, eval_transform(m.img_size, d.mean, d.std, crop_pct=d.eval_crop_pct),
         batch_size=d.eval_batch_size or d.batch_size, shuffle=False, drop_last=False, **common)
+    held = holdout_record(sets, d, d.val_fraction, d.val_split_seed) if sets.held_out else None
     return ClassificationData(train_loader, val_loader, num_classes,
-                              class_names(full, num_classes), len(train), len(full), len(val))
+                              class_names(full, num_classes), len(train), len(full), len(val),
+                              held)
 
 
 def _check_val_split(d: Any, train: Any, val: Any) -> None:
-    """A local folder without the validation split would silently score the training images."""
-    if d.path and Path(d.path).is_dir() and not any(
-            (Path(d.path) / f).exists() for f in ("dataset_dict.json", d.val_split)) \
-            and not any(f.stem == d.val_split or f.name.startswith(f"{d.val_split}-")
-                        for f in Path(d.path).rglob("*.parquet")):
-        raise ConfigError(f"config key 'data.val_split': {d.path} has no '{d.val_split}' split "
-                          f"(a {d.val_split}/ folder or {d.val_split}-*.parquet files); the "
-                          "validation images must not be the training images")
     names_train, names_val = getattr(train, "classes", None), getattr(val, "classes", None)
     if names_train and names_val and list(names_train) != list(names_val):
         raise ConfigError(f"config key 'data.val_split': its classes {list(names_val)[:5]}... "
@@ -123,6 +119,8 @@ def finetune(cfg: Any) -> Path:
 def _finetune(acc, cfg: Any, run_dir: Path) -> Path:
     set_seed(cfg.run.seed)
     data = build_classification_data(cfg, acc.process_index, acc.num_processes)
+    if data.held_out is not None and acc.is_main_process:
+        write_json(run_dir / "val_split.json", data.held_out)
     model, init_report = build_classifier(cfg, data.num_classes)
     for line in init_report.lines():
         acc.print(line)
@@ -154,7 +152,9 @@ def _finetune(acc, cfg: Any, run_dir: Path) -> Path:
                                   if cfg.tune.mode == "partial" else "")),
         ("train images", f"{data.train_images} of {data.all_train_images} "
                          f"(label_fraction {d.label_fraction:g}, stratified)"),
-        ("val images", f"{data.val_images} ('{d.val_split}' split)"),
+        ("val images", f"{data.val_images} ('{d.val_split}' split)" if data.held_out is None
+         else f"{data.val_images} held out of '{d.split}' (no '{d.val_split}' split; "
+              f"val_fraction {d.val_fraction:g}, listed in val_split.json)"),
         ("classes", data.num_classes), ("per-device batch", d.batch_size),
         ("devices", f"{acc.num_processes} ({acc.device.type})"), ("accumulation", accum),
         ("global batch", global_batch), ("iterations / epoch", data.train.batches_per_epoch),
