@@ -14,8 +14,8 @@ from mim.data.splits import stratified_holdout
 from mim.data.synthetic import SyntheticShapes
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
-from mim.probe.classifiers import knn_top1
 from mim.engine.knn import knn_command
+from mim.probe.classifiers import knn_top1, linear_probe_top1
 from tests.conftest import REPO, TINY, two_process_launch
 
 MONITOR = ("monitor.every=1", "monitor.data.synthetic=true", "monitor.data.synthetic_size=256",
@@ -30,6 +30,16 @@ def test_knn_votes_are_weighted_by_similarity():
     assert knn_top1(train, labels, query, torch.tensor([1]), k=3, temperature=0.07) == 1.0
     # a high temperature makes the votes nearly equal: the majority (class 0) wins
     assert knn_top1(train, labels, query, torch.tensor([1]), k=3, temperature=100.0) == 0.0
+
+
+def test_linear_probe_separates_separable_features_and_repeats():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 3
+    labels = torch.arange(400) % 4
+    feats = centers[labels] + torch.randn(400, 16, generator=g)
+    args = (feats[:300], labels[:300], feats[300:], labels[300:], 5, 0)
+    assert linear_probe_top1(*args) > 0.9
+    assert linear_probe_top1(*args) == linear_probe_top1(*args)
 
 
 def test_holdout_is_stratified_seeded_and_stable():

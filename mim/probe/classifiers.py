@@ -26,7 +26,7 @@ def knn_top1(train: torch.Tensor, train_labels: torch.Tensor, val: torch.Tensor,
 
 def linear_probe_top1(train: torch.Tensor, train_labels: torch.Tensor, val: torch.Tensor,
                       val_labels: torch.Tensor, epochs: int, seed: int, num_classes: int = 0,
-                      batch_size: int = 256, lr: float = 1e-3) -> float:
+                      batch_size: int = 256, lr: float = 1e-2) -> float:
     """Top-1 of a linear classifier trained ``epochs`` epochs (AdamW, cross-entropy) on features
     standardised with the training set's statistics (MAE's BatchNorm without affine). Seeded by
     ``seed`` alone and run on the CPU, so every process computes the same number."""
