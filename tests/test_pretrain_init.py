@@ -112,3 +112,25 @@ def test_pickled_init_is_refused(tiny, tmp_path):
                tmp_path / "evil.pth")
     with pytest.raises(InitError, match="not a weights-only checkpoint"):
         pretrain(load_config(None, tiny(f"init={tmp_path / 'evil.pth'}", "train.epochs=1")))
+
+
+def test_beit_pth_gives_the_encoder_mask_token_and_drops_lm_head(tmp_path):
+    cfg = ("method.name=simmim", "model.init_values=0.1")
+    torch.manual_seed(3)
+    source = build_pretrainer(tiny_cfg(*cfg)).encoder
+    state = {k: torch.randn_like(v) for k, v in source.vit.state_dict().items()}
+    for k in [k for k in state if k.endswith(".attn.qkv.bias")]:  # BEiT: q and v biases only
+        q, _, v = state.pop(k).chunk(3)
+        state[k.replace("qkv.bias", "q_bias")], state[k.replace("qkv.bias", "v_bias")] = q, v
+    for k in [k for k in state if k.endswith((".ls1.gamma", ".ls2.gamma"))]:
+        state[k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")] = state.pop(k)
+    state["mask_token"] = torch.randn(1, 1, 32)
+    state["lm_head.weight"] = torch.randn(8192, 32)
+    save_mae_pth(tmp_path / "beit.pth", state)
+    model = build_pretrainer(tiny_cfg(*cfg))
+    report = load_pretrainer_init(model, str(tmp_path / "beit.pth"))
+    assert report.kind == "beit" and not report.unexpected
+    assert torch.equal(model.encoder.mask_token, state["mask_token"])
+    assert torch.equal(model.encoder.vit.blocks[1].ls2.gamma, state["blocks.1.gamma_2"])
+    assert any(k.startswith("lm_head.weight") for k in report.dropped)
+    assert all(k.startswith("head.") for k in report.missing)  # SimMIM's pixel head is new
