@@ -210,7 +210,8 @@ def _init_provenance(cmp: CompareConfig) -> dict[str, str]:
         budget = (f"{done['updates']} updates, {done['images_seen']} images seen"
                   if done else "unfinished run (newest checkpoint)")
         labels = ", with labels" if pre.method.name == "supervised" else ", labels unused"
-        out[name] = f"`{pre.method.name}` pretraining, {budget}, on {data}{labels} ({init})"
+        start = f", continued from {pre.init}" if pre.init != "scratch" else ""
+        out[name] = f"`{pre.method.name}` pretraining{start}, {budget}, on {data}{labels} ({init})"
     return out
 
 
