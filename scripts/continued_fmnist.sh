@@ -17,14 +17,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/_fmnist.sh"
 SRC=(); [ -z "${FMNIST_SRC:-}" ] || SRC=(--src "$FMNIST_SRC")
 N="${N:-3000}"
 TIMES="$OUT/continued_times.txt"
-step() {  # name, marker, command...: runs it once, logs its wall time
-    local name=$1 marker=$2; shift 2
-    if [ -e "$marker" ]; then echo "== $name: done ($marker)"; return; fi
-    echo "== $name"
-    local t0=$SECONDS
-    "$@"
-    echo "$name: $((SECONDS - t0)) s" | tee -a "$TIMES"
-}
 subsets() {  # seeded subsets: N target + 1,000 probe (disjoint), N public, 1,000 target test
     N="$N" python - <<'PY'
 import os
