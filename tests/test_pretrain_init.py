@@ -22,7 +22,9 @@ MAE_NAMES = {"decoder.embed.": "decoder_embed.", "decoder.blocks.": "decoder_blo
 
 
 def tiny_cfg(*extra: str):
-    return load_config(None, TINY + ["data.synthetic=true", *extra])
+    mae_only = () if "method.name=simmim" not in extra else ("method.decoder",)
+    base = [k for k in TINY if not mae_only or not k.startswith(mae_only)]
+    return load_config(None, base + ["data.synthetic=true", *extra])
 
 
 def official_mae_state(seed: int = 1, *extra: str) -> dict[str, torch.Tensor]:
