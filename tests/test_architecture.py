@@ -19,7 +19,7 @@ LAYERS: list[list[str]] = [
     ["mim.data"],
     ["mim.metrics"],
     ["mim.models"],  # the encoder, its init, the classifier and the detector
-    ["mim.methods", "mim.inference"],  # one file per pretraining method; embedding images
+    ["mim.methods"],  # one file per pretraining method
     ["mim.config"],  # the jobs' schemas and loading
     ["mim.probe"],  # k-NN / linear probes of an encoder on a labeled set
     ["mim.engine"],

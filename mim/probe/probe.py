@@ -14,7 +14,7 @@ from mim.data import eval_transform
 from mim.data.labels import source_labels
 from mim.data.splits import TrainVal, holdout_record, train_val_sources
 from mim.errors import ConfigError
-from mim.inference.features import embed, shard_loader
+from mim.models.features import embed, shard_loader
 from mim.models.encoder import MaskedEncoder
 from mim.probe.classifiers import knn_top1, linear_probe_top1
 
