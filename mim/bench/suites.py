@@ -36,6 +36,7 @@ from mim.bench.pipeline import bench_pipeline, make_jpeg_folder, real_run_data_w
 from mim.bench.reference import NotComparable
 from mim.bench.step import Contender, build_contender
 from mim.config import load_config
+from mim.engine.distributed import resolved_precision
 
 
 def say(*lines: str) -> None:
@@ -244,7 +245,9 @@ def bench_config(overrides: list[str], path: str | None = None) -> Any:
         data = (yaml.safe_load(Path(path).read_text()) or {}).get("data", {}) or {}
         named = named or any(k in data for k in ("name", "path", "synthetic"))
     extra = [] if named else ["data.synthetic=true"]
-    return load_config(path, extra + ["tracking.backend=none", *overrides])
+    cfg = load_config(path, extra + ["tracking.backend=none", *overrides])
+    cfg.train.mixed_precision = resolved_precision(cfg.train.mixed_precision)  # no accelerator
+    return cfg
 
 
 CPU_CASES = {

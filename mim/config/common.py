@@ -57,7 +57,8 @@ class LoopConfig:
     epochs: int = 800
     max_steps: int = 0  # stop after this many optimizer updates (0 = no limit); schedule unchanged
     grad_accum_steps: int = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: the launcher's (accelerate launch's config or --mixed_precision; 'no' without one)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     log_every: int = 20  # optimizer updates
     save_every: int = 1000  # optimizer updates
     keep_last: int = 2

@@ -9,6 +9,8 @@ import torch
 from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
+from mim.engine.distributed import precision_note
+
 
 def count_flops(model: torch.nn.Module, example: torch.Tensor, **forward_kwargs: Any) -> int:
     """Forward FLOPs per image of the training forward, counted by torch's FlopCounterMode.
@@ -69,5 +71,6 @@ class Throughput:
 
 
 def print_accounting(acc: Accelerator, rows: list[tuple[str, Any]]) -> None:
+    rows = [*rows, ("mixed precision", precision_note(acc))]
     width = max(len(k) for k, _ in rows)
     acc.print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))

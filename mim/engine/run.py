@@ -17,6 +17,7 @@ from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env
 
 from mim.checkpoint import recover_checkpoints
 from mim.config import JobConfig
+from mim.engine.distributed import accelerator_precision
 from mim.engine.tracking import tracker_init_kwargs
 from mim.errors import ConfigError
 
@@ -31,7 +32,7 @@ def process_state() -> PartialState:
 def make_accelerator(cfg: JobConfig) -> Accelerator:
     backend = cfg.tracking.backend
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
-    return Accelerator(mixed_precision=cfg.train.mixed_precision,
+    return Accelerator(mixed_precision=accelerator_precision(cfg.train.mixed_precision),
                        log_with=None if backend == "none" else backend,
                        project_dir=str(cfg.run_dir), kwargs_handlers=[timeout])
 
