@@ -2,11 +2,15 @@
 collective paths, multi-node on one machine, torchrun and the SLURM requeue logic."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from mim.config import ConfigError, load_config
+from mim.engine.distributed import check_launch
 from tests.conftest import REPO
 
 # Runs a tiny pretraining of one update in this process and prints, from inside the encoder's
@@ -14,7 +18,8 @@ from tests.conftest import REPO
 AUTOCAST_PROBE = """
 import sys, torch
 import mim.engine.pretrain as pretrain
-from mim.config import load_config
+from mim.config import ConfigError, load_config
+from mim.engine.distributed import check_launch
 seen = []
 build = pretrain.build_pretrainer
 def probed(cfg):
@@ -45,3 +50,52 @@ def test_launcher_precision_reaches_the_forward(tiny, explicit, autocast, note):
     line = next(ln for ln in out.splitlines() if ln.startswith("AUTOCAST"))
     assert line.startswith(f"AUTOCAST {autocast}")
     assert f"mixed precision     {note}" in out
+
+
+def _launch(args, port, **env_extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env_extra)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), *args, "-m", "mim"], env
+
+
+def test_fsdp_launch_without_gpus_is_one_line_error(tiny):
+    """``accelerate launch --use_fsdp`` of two processes on a machine without GPUs: each would
+    train the whole job alone (accelerate falls back to one process each)."""
+    over = tiny("train.max_steps=1", name="nogroup")
+    launch, env = _launch(["--use_fsdp"], 29541)
+    r = subprocess.run(launch + ["pretrain", *over], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=REPO)
+    assert r.returncode != 0
+    errors = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("mim: error:")]
+    assert len(errors) == 1 and "accelerate runs FSDP on GPUs only" in errors[0], r.stderr[-3000:]
+    assert not re.search(r'File "[^"]*/mim/', r.stderr), r.stderr[-3000:]  # no traceback of ours
+    assert not (load_config(None, over).run_dir / "checkpoints").exists()
+
+
+class _State:
+    def __init__(self, n):
+        self.num_processes, self.device = n, torch.device("cpu")
+
+
+@pytest.mark.parametrize("env, state, says", [
+    ({"WORLD_SIZE": "2"}, None, "WORLD_SIZE=2 processes on a machine without GPUs"),
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, None, "DeepSpeed"),
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "true"}, None, None),
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "true"}, _State(1), "did not form a group"),
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "true"}, _State(2), None),
+    ({"WORLD_SIZE": "1"}, _State(1), None)])
+def test_launch_problems_from_the_environment(monkeypatch, env, state, says):
+    for key in ("WORLD_SIZE", "RANK", "ACCELERATE_USE_CPU", "ACCELERATE_USE_FSDP",
+                "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if says is None:
+        check_launch(state)
+    else:
+        with pytest.raises(ConfigError, match=says):
+            check_launch(state)
+        monkeypatch.setenv("RANK", "1")  # the other ranks exit quietly with the same status
+        with pytest.raises(SystemExit):
+            check_launch(state)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 
-from accelerate import Accelerator
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env
 
 from mim.errors import ConfigError
 
@@ -39,3 +41,45 @@ def precision_note(acc: Accelerator) -> str:
     if got == launcher:
         return f"{got} (the launcher's)"
     return f"{got} (train.mixed_precision; overrides the launcher's {launcher})"
+
+
+def check_launch(state: PartialState | None = None) -> None:
+    """Refuse, before any work, a launch whose processes would not form the group it asks for:
+    each process would otherwise train the whole job alone, into the same run directory.
+    Called with no state before the process group starts (what the environment asks for and
+    this machine cannot give) and with the state after (the group accelerate formed). Only the
+    process of rank 0 prints the one-line error; the others exit with the same status."""
+    problem = launch_problem() if state is None else group_problem(state)
+    if problem is None:
+        return
+    if torch.distributed.is_initialized():  # let every peer finish joining before anyone leaves
+        torch.distributed.barrier()
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        raise SystemExit(2)
+    raise ConfigError(problem)
+
+
+def launch_problem() -> str | None:
+    """What the launcher's environment asks for that this machine cannot run."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
+    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if parse_flag_from_env(flag) and cpu:
+            return (f"the launch asks for {name} ({flag}=true) on {world} CPU process(es); "
+                    f"accelerate runs {name} on GPUs only: launch DDP over gloo instead "
+                    "(configs/accelerate/cpu_2proc.yaml, ACCELERATE_USE_CPU=true)")
+    if world > 1 and cpu and not parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return (f"the launch starts WORLD_SIZE={world} processes on a machine without GPUs, "
+                "where accelerate would run each alone; set ACCELERATE_USE_CPU=true for a CPU "
+                "launch over gloo (configs/accelerate/cpu_2proc.yaml)")
+    return None
+
+
+def group_problem(state: PartialState) -> str | None:
+    """A process group of another size than the launcher announced."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and state.num_processes != world:
+        return (f"the launch starts WORLD_SIZE={world} processes but they did not form a "
+                f"group (accelerate sees {state.num_processes} on {state.device.type}); check "
+                "the launcher's num_processes, ACCELERATE_USE_CPU and the visible devices")
+    return None

@@ -17,19 +17,25 @@ from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env
 
 from mim.checkpoint import recover_checkpoints
 from mim.config import JobConfig
-from mim.engine.distributed import accelerator_precision
+from mim.engine.distributed import accelerator_precision, check_launch
 from mim.engine.tracking import tracker_init_kwargs
 from mim.errors import ConfigError
 
 
-def process_state() -> PartialState:
+def process_state(timeout_s: int | None = None) -> PartialState:
     """This process's place in the launch, usable before any ``Accelerator``. ``PartialState()``
     alone ignores ``ACCELERATE_USE_CPU``, so in a multi-process CPU launch each process would
-    think it runs alone."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    think it runs alone. A launch that did not form its group stops here (:func:`check_launch`);
+    ``timeout_s`` bounds every collective of the group this call starts."""
+    timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    check_launch()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **timeout)
+    check_launch(state)
+    return state
 
 
 def make_accelerator(cfg: JobConfig) -> Accelerator:
+    process_state(cfg.train.dist_timeout_s)
     backend = cfg.tracking.backend
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
     return Accelerator(mixed_precision=accelerator_precision(cfg.train.mixed_precision),
