@@ -8,10 +8,15 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mim.config import ConfigError, load_config
+from mim.engine import distributed
+from mim.engine.checkpoint import latest_checkpoint
 from mim.engine.distributed import check_launch
-from tests.conftest import REPO
+from mim.engine.pretrain import pretrain
+from mim.engine.tracking import read_metrics
+from tests.conftest import REPO, two_process_launch
 
 # Runs a tiny pretraining of one update in this process and prints, from inside the encoder's
 # forward, whether autocast is on and its dtype.
@@ -99,3 +104,51 @@ def test_launch_problems_from_the_environment(monkeypatch, env, state, says):
         monkeypatch.setenv("RANK", "1")  # the other ranks exit quietly with the same status
         with pytest.raises(SystemExit):
             check_launch(state)
+
+
+# ------------------------------------------------------------- collective paths and their state
+
+def _losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("saved_as", ["by_name", "legacy"])
+def test_optimizer_state_by_name_and_legacy_resume_exactly(tiny, monkeypatch, saved_as):
+    """The optimizer state FSDP saves (torch's full state dict, keyed by parameter name) and the
+    format of checkpoints written before it (no 'optimizer_format' key) both resume exactly."""
+    common = ("train.epochs=2", "optim.lr=1e-3", "train.save_every=3", "data.synthetic_size=96")
+    full = pretrain(load_config(None, tiny(*common, name="full")))
+    if saved_as == "by_name":
+        monkeypatch.setattr(distributed, "by_name", lambda acc: True)
+    part = pretrain(load_config(None, tiny(*common, "train.max_steps=7", name="part")))
+    ckpt = latest_checkpoint(part / "checkpoints")
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    if saved_as == "by_name":
+        assert state["optimizer_format"] == "by_name"
+        assert "encoder.vit.cls_token" in state["optimizer"]["state"]
+    else:
+        assert state.pop("optimizer_format") == "by_index"
+        torch.save(state, ckpt / "state.pt")
+    pretrain(load_config(None, tiny(*common, name="part")))
+    a, b = _losses(full), _losses(part)
+    assert len(a) == len(b) == 12
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+
+
+def test_two_processes_take_part_in_every_picture_export_and_checkpoint(tiny):
+    """Pictures every epoch, checkpoints and the encoder export run on every process (FSDP
+    needs each of them for its gathers); each ends with a collective, so one entered by the
+    main process alone fails within the short train.dist_timeout_s instead of hanging."""
+    over = tiny("train.epochs=2", "train.vis_every=1", "train.save_every=3",
+                "train.dist_timeout_s=30", name="collective")
+    launch, env = two_process_launch(29543)
+    r = subprocess.run(launch + ["pretrain", *over], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    run_dir = load_config(None, over).run_dir
+    assert {p.name for p in run_dir.glob("recon_*.png")} == {"recon_epoch0001.png",
+                                                             "recon_epoch0002.png"}
+    final = load_file(latest_checkpoint(run_dir / "checkpoints") / "model.safetensors")
+    encoder = load_file(run_dir / "encoder.safetensors")
+    assert encoder and all(torch.equal(v, final[f"encoder.vit.{k}"]) for k, v in encoder.items())
+    assert len(encoder) == sum(k.startswith("encoder.vit.") for k in final)

@@ -27,6 +27,7 @@ from mim.data.labels import DetectionSubset, covering_subset
 from mim.data.loader import EpochLoader
 from mim.data.splits import detection_train_val, has_split, holdout_record
 from mim.engine.accounting import count_flops, fmt_count, print_accounting
+from mim.engine.distributed import forward_module
 from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
 from mim.engine.optim import build_optimizer, build_scheduler
 from mim.engine.run import check_disk_space, make_accelerator, run_job, write_json
@@ -169,9 +170,9 @@ def _detect(acc, cfg: Any, run_dir: Path) -> Path:
         guards.stop.restore()
     save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
     report_stop(acc, stopped, state, guards)
+    final_state = acc.get_state_dict(model) if not stopped else {}  # every process (FSDP)
     if acc.is_main_process and not stopped:
-        net = acc.unwrap_model(model)
-        save_file(state_dict_for_save(net.state_dict()), str(run_dir / "model.safetensors"))
+        save_file(state_dict_for_save(final_state), str(run_dir / "model.safetensors"))
         write_json(run_dir / "summary.json", {
             **{k: last_eval.get(k) for k in METRIC_KEYS},
             "per_class_ap": last_eval.get("per_class_ap", {}), "updates": state.step,
@@ -238,7 +239,8 @@ def predict(acc, model: torch.nn.Module, loader: EpochLoader, cfg: Any,
     ev, results = cfg.eval, []
     for batch in loader.epoch(0):
         with acc.autocast():
-            out = net(batch["images"].to(acc.device), batch["mask"].to(acc.device))
+            out = forward_module(acc, model)(batch["images"].to(acc.device),
+                                             batch["mask"].to(acc.device))
         dets = net.postprocess(out, batch["sizes"], ev.score_thresh, ev.nms_iou,
                                ev.topk_candidates, ev.max_detections)
         for det, image_id, size, orig in zip(dets, batch["image_ids"], batch["sizes"],
@@ -252,6 +254,8 @@ def predict(acc, model: torch.nn.Module, loader: EpochLoader, cfg: Any,
 def evaluate_and_log(acc, cfg: Any, model: torch.nn.Module, data: DetectionData,
                      metrics: MetricsLog, run_dir: Path, step: int, epoch: int) -> dict[str, Any]:
     results = predict(acc, model, data.val, cfg, data.category_ids)
+    png = save_detection_picture(acc, cfg, model, data,
+                                 run_dir / f"detections_epoch{epoch:04d}.png")
     out: dict[str, Any] = {}
     if acc.is_main_process:
         write_json(run_dir / "predictions.json", results)
@@ -260,8 +264,6 @@ def evaluate_and_log(acc, cfg: Any, model: torch.nn.Module, data: DetectionData,
         metrics.write({**record, "val/per_class_ap": out["per_class_ap"]})
         logged = {k: v for k, v in record.items() if k != "step"}
         logged.update({f"val/ap/{n}": v for n, v in out["per_class_ap"].items() if v is not None})
-        png = save_detection_picture(acc, cfg, model, data,
-                                     run_dir / f"detections_epoch{epoch:04d}.png")
         acc.log(logged, step=step)
         for tracker in acc.trackers:
             if tracker.name == "wandb" and png is not None:
@@ -280,7 +282,8 @@ def evaluate_and_log(acc, cfg: Any, model: torch.nn.Module, data: DetectionData,
 @torch.no_grad()
 def save_detection_picture(acc, cfg: Any, model: torch.nn.Module, data: DetectionData,
                            path: Path) -> Path | None:
-    """The first ``eval.vis_images`` validation images with predictions and ground truth."""
+    """The first ``eval.vis_images`` validation images with predictions and ground truth.
+    Every process runs the forward (FSDP gathers the shards in it); the main process saves."""
     n = min(cfg.eval.vis_images, len(data.val.dataset))
     if n == 0:
         return None
@@ -289,11 +292,14 @@ def save_detection_picture(acc, cfg: Any, model: torch.nn.Module, data: Detectio
     was_training = net.training
     net.eval()
     with acc.autocast():
-        out = net(batch["images"].to(acc.device), batch["mask"].to(acc.device))
+        out = forward_module(acc, model)(batch["images"].to(acc.device),
+                                         batch["mask"].to(acc.device))
     ev = cfg.eval
     dets = net.postprocess(out, batch["sizes"], ev.score_thresh, ev.nms_iou, ev.topk_candidates,
                            ev.max_detections)
     net.train(was_training)
+    if not acc.is_main_process:
+        return None
     grid = detection_grid(batch["images"], cfg.data.mean, cfg.data.std, dets, batch["targets"],
                           data.classes, ev.pr_score_thresh)
     save_grid(grid, path)

@@ -8,7 +8,10 @@ import os
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import DistributedType, parse_flag_from_env
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from mim.errors import ConfigError
 
@@ -83,3 +86,63 @@ def group_problem(state: PartialState) -> str | None:
                 f"group (accelerate sees {state.num_processes} on {state.device.type}); check "
                 "the launcher's num_processes, ACCELERATE_USE_CPU and the visible devices")
     return None
+
+
+def is_sharded(acc: Accelerator) -> bool:
+    """Whether parameters and optimizer state are split over the processes (FSDP)."""
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def forward_module(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The module a forward outside the training step (pictures, evaluation) goes through.
+    Under FSDP that is the wrapped model, whose forward gathers the shards, so every process
+    must run it; elsewhere the plain module (no gradient synchronisation)."""
+    return model if is_sharded(acc) else acc.unwrap_model(model)
+
+
+def optimizer_state(acc: Accelerator, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> tuple[dict, str]:
+    """The optimizer state to save, and its format; every process calls this.
+
+    Under FSDP each process holds a shard: torch's ``get_optimizer_state_dict`` gathers the full
+    state, keyed by parameter name ('by_name'), onto the main process's CPU. Elsewhere it is
+    ``optimizer.state_dict()`` ('by_index', the format of earlier checkpoints): under DDP
+    every process holds the full state."""
+    if not by_name(acc):
+        return optimizer.state_dict(), "by_index"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, _inner(optimizer), options=options), "by_name"
+
+
+def load_optimizer_state(acc: Accelerator, model: torch.nn.Module,
+                         optimizer: torch.optim.Optimizer, state: dict, fmt: str) -> None:
+    """Every process loads the full saved state; under FSDP each keeps its own shard."""
+    if fmt == "by_index" and is_sharded(acc):
+        raise ConfigError("this checkpoint's optimizer state was saved without FSDP (by parameter "
+                          "index); resume it the way it was launched (DDP or one process)")
+    if fmt == "by_name":
+        set_optimizer_state_dict(model, _inner(optimizer), state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def load_model_state(acc: Accelerator, model: torch.nn.Module,
+                     state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Load the full (unwrapped) state into ``model``; every process calls this. Returns the
+    missing and unexpected keys."""
+    if is_sharded(acc):
+        keys = set_model_state_dict(model, state,
+                                    options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        keys = acc.unwrap_model(model).load_state_dict(state, strict=False)
+    return list(keys.missing_keys), list(keys.unexpected_keys)
+
+
+def by_name(acc: Accelerator) -> bool:
+    """Whether the optimizer state is saved by parameter name (FSDP's sharded state)."""
+    return is_sharded(acc)
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper

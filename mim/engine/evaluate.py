@@ -16,6 +16,7 @@ from mim.checkpoint import load_weights_into, state_dict_for_save
 from mim.config import ConfigError, load_config
 from mim.data import build_epoch_loader, build_source, eval_transform
 from mim.data.splits import has_split, train_val_sources
+from mim.engine.distributed import forward_module
 from mim.engine.run import make_accelerator, write_json
 from mim.engine.state import LoopState
 from mim.engine.tracking import MetricsLog, log_model_artifact
@@ -44,8 +45,8 @@ def evaluate(acc, model: torch.nn.Module, loader, num_classes: int
     net.eval()
     evaluator = ClassificationEvaluator(num_classes)
     for batch in loader.epoch(0):
-        with acc.autocast():
-            logits = net(batch["image"].to(acc.device, non_blocking=True))
+        with acc.autocast():  # under FSDP through the wrapped model, on every process
+            logits = forward_module(acc, model)(batch["image"].to(acc.device, non_blocking=True))
         evaluator.update(logits, batch["label"])
     evaluator.merge(lambda t: acc.reduce(t.to(acc.device), reduction="sum"))
     net.train(was_training)
@@ -115,10 +116,11 @@ def log_eval(acc, metrics: MetricsLog, result: dict, confusion: torch.Tensor, st
               + ("  (best)" if improved else ""))
 
 
-def write_finetune_summary(acc, cfg: Any, model: torch.nn.Module, run_dir: Path,
-                           state: LoopState, best: BestKeeper, last_eval: dict, meta: dict) -> None:
-    """Export the best classifier for timm and write ``summary.json`` (main process)."""
-    net = acc.unwrap_model(model)
+def write_finetune_summary(acc, cfg: Any, run_dir: Path, state: LoopState, best: BestKeeper,
+                           last_eval: dict, meta: dict) -> None:
+    """Export the best classifier for timm and write ``summary.json`` (main process). The
+    export is a fresh model holding the best weights: under FSDP the trained one is sharded."""
+    net, _ = build_classifier(cfg, meta["num_classes"], load_init=False)
     net.load_state_dict(load_file(str(best.dir / "model.safetensors")))
     export = export_classifier(net, cfg, meta["num_classes"], run_dir / "export",
                                meta["class_names"])

@@ -190,7 +190,7 @@ def _finetune(acc, cfg: Any, run_dir: Path) -> Path:
         report_stop(acc, stopped, state, guards)
     elif acc.is_main_process:
         meta["nonfinite_updates"] = guards.nonfinite.total
-        write_finetune_summary(acc, cfg, model, run_dir, state, best,
+        write_finetune_summary(acc, cfg, run_dir, state, best,
                                state.extra.get("last_eval", {}), meta)
     acc.wait_for_everyone()
     return run_dir

@@ -15,6 +15,7 @@ from mim.checkpoint import state_dict_for_save
 from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_transform
 from mim.data.labels import num_classes_of
 from mim.engine.accounting import count_flops, fmt_count, print_accounting
+from mim.engine.distributed import forward_module
 from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
 from mim.engine.optim import apply_speed_options, build_optimizer, build_scheduler
 from mim.engine.run import check_disk_space, run_job, write_json
@@ -90,8 +91,9 @@ def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
         guards.stop.restore()
     save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
     report_stop(acc, stopped, state, guards)
+    if state.epoch >= cfg.train.epochs:
+        export_encoder(acc, model, run_dir / "encoder.safetensors")
     if acc.is_main_process and state.epoch >= cfg.train.epochs:
-        export_encoder(acc.unwrap_model(model), run_dir / "encoder.safetensors")
         write_json(run_dir / "summary.json", {"updates": state.step, "epochs": state.epoch,
                                               "images_seen": state.images_seen,
                                               "bad_samples": state.bad_samples,
@@ -134,7 +136,7 @@ def _train(acc, cfg, model, optimizer, scheduler, loader, state: LoopState, metr
             monitor.after_epochs(acc, model, state, metrics, state.epoch + 1, export_encoder)
         last = state.epoch == cfg.train.epochs - 1
         every = cfg.train.vis_every
-        if acc.is_main_process and ((every and (state.epoch + 1) % every == 0) or last):
+        if (every and (state.epoch + 1) % every == 0) or last:
             _save_vis(acc, cfg, model, vis_images, run_dir, state.epoch + 1)
         state.epoch += 1
         state.update_in_epoch = 0
@@ -164,15 +166,20 @@ def _vis_batch(cfg: Any, source: Any) -> torch.Tensor:
 
 
 def _save_vis(acc, cfg, model, images: torch.Tensor, run_dir: Path, epoch: int) -> None:
-    net = acc.unwrap_model(model)
-    if not len(images):
-        return
-    net.eval()
-    with acc.autocast():
-        grid = pretrain_grid(net, images.to(acc.device), cfg.data.mean, cfg.data.std)
-    net.train()
-    if grid is None:
-        return
+    """Every process runs the grid's forward (FSDP gathers the shards in it); the main process
+    saves it. Every process waits for the others at the end."""
+    if len(images):
+        net = forward_module(acc, model)
+        net.eval()
+        with acc.autocast():
+            grid = pretrain_grid(net, images.to(acc.device), cfg.data.mean, cfg.data.std)
+        net.train()
+        if grid is not None and acc.is_main_process:
+            _publish_grid(acc, grid, run_dir, epoch)
+    acc.wait_for_everyone()
+
+
+def _publish_grid(acc, grid: torch.Tensor, run_dir: Path, epoch: int) -> None:
     path = run_dir / f"recon_epoch{epoch:04d}.png"
     save_grid(grid, path)
     for tracker in acc.trackers:
@@ -184,6 +191,13 @@ def _save_vis(acc, cfg, model, images: torch.Tensor, run_dir: Path, epoch: int) 
             tracker.writer.add_image("recon", grid, epoch)
 
 
-def export_encoder(model: torch.nn.Module, path: Path) -> None:
-    """The encoder alone under timm's key names (loads with ``timm.create_model``)."""
-    save_file(state_dict_for_save(model.encoder.vit.state_dict()), str(path))
+def export_encoder(acc, model: torch.nn.Module, path: Path) -> None:
+    """The encoder alone under timm's key names (loads with ``timm.create_model``). Every process
+    calls this: the full state is gathered (FSDP) with accelerate's ``get_state_dict``, and the
+    main process writes it."""
+    state = acc.get_state_dict(model)
+    if acc.is_main_process:
+        prefix = "encoder.vit."
+        save_file(state_dict_for_save({k[len(prefix):]: v for k, v in state.items()
+                                       if k.startswith(prefix)}), str(path))
+    acc.wait_for_everyone()

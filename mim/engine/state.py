@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from mim.checkpoint import (check_finite_weights, load_checkpoint, load_latest_usable,
                             save_checkpoint)
 from mim.config import JobConfig
+from mim.engine.distributed import load_model_state, load_optimizer_state, optimizer_state
 from mim.errors import ConfigError
 
 
@@ -41,8 +42,9 @@ def resolve_resume(acc: Accelerator, cfg: JobConfig, run_dir: Path
 
 def save_training_state(acc: Accelerator, cfg: JobConfig, run_dir: Path, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, scheduler: Any, state: LoopState) -> None:
-    model_state = acc.get_state_dict(model)
+    model_state = acc.get_state_dict(model)  # every process: FSDP gathers the shards
     check_finite_weights(model_state, state.step)  # on every process: all of them stop
+    optim_state, optim_format = optimizer_state(acc, model, optimizer)
     if acc.is_main_process:
         scaler = acc.scaler.state_dict() if acc.scaler is not None else {}
         rng = {"torch": torch.get_rng_state()}
@@ -54,7 +56,8 @@ def save_training_state(acc: Accelerator, cfg: JobConfig, run_dir: Path, model: 
         train_state = {
             "config": cfg.to_dict(),
             "loop": {k: v for k, v in state.__dict__.items()},
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim_state,
+            "optimizer_format": optim_format,
             "scheduler": scheduler.state_dict(),
             "scaler": scaler,
             "rng": rng,
@@ -86,7 +89,7 @@ def restore_training_state(acc: Accelerator, cfg: JobConfig, loaded: tuple[Path,
     changed = [c for c in changed if not c.startswith(("run.resume", "train.max_steps"))
                and not (c.startswith("method.") and c.endswith(" -> None"))]  # flat old section
     try:
-        missing, unexpected = acc.unwrap_model(model).load_state_dict(model_state, strict=False)
+        missing, unexpected = load_model_state(acc, model, model_state)
     except RuntimeError as e:  # tensor shapes differ
         missing, unexpected = [str(e).splitlines()[-1].strip()], []
     missing = [k for k in missing if not k.endswith("decoder.pos_embed")]
@@ -98,7 +101,8 @@ def restore_training_state(acc: Accelerator, cfg: JobConfig, loaded: tuple[Path,
                           + ("; ".join(arch[:4]) if arch else
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
                           + f"); give the run a new 'run.name' or delete {cfg.run_dir}")
-    optimizer.load_state_dict(train_state["optimizer"])
+    load_optimizer_state(acc, model, optimizer, train_state["optimizer"],
+                         train_state.get("optimizer_format", "by_index"))
     if changed:
         acc.print("note: resuming with a changed config: " + "; ".join(changed))
     if acc.scaler is not None and train_state.get("scaler"):
