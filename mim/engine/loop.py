@@ -173,12 +173,15 @@ def report_stop(acc, stopped: str | None, state: LoopState, guards: Guards) -> N
 
 
 class StopRequest:
-    """SIGTERM (how clusters preempt) and SIGINT become a flag checked between updates; every
-    process agrees on the flag, saves a checkpoint and exits (status 143) before the grace period."""
+    """SIGTERM (how clusters preempt), SIGINT and SIGUSR1 (SLURM's warning before the end, see
+    scripts/slurm/) become a flag checked between updates; every process agrees on the flag,
+    saves a checkpoint and exits (status 143) before the grace period."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
