@@ -135,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, CheckpointError) as e:
         print(f"mim: error: {one_line(e)}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # a collective whose peers are gone: one line, not N tracebacks
+        from mim.engine.distributed import lost_peer
+
+        lost = lost_peer(e)
+        if lost is None:
+            raise
+        print(f"mim: error: {lost}", file=sys.stderr)
+        return 1
     finally:
         _end_process_group()
 

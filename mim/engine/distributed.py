@@ -5,6 +5,7 @@ ways to reach the model's weights, pictures and optimizer state from every proce
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -146,3 +147,22 @@ def by_name(acc: Accelerator) -> bool:
 
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+
+
+_PEER_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|timeout|broken pipe",
+                           re.IGNORECASE)
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """A one-line explanation when ``error`` is a collective that failed because another process
+    of the launch died or stopped answering (for ``train.dist_timeout_s``); None otherwise."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError)
+                                                   and _PEER_FAILURE.search(str(error)))):
+        return None
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return (f"process {dist.get_rank()} of {dist.get_world_size()} lost the others of its launch "
+            f"(a process or node died, or stopped answering for train.dist_timeout_s): {first}; "
+            "the newest checkpoint is kept: relaunch every node with run.resume=auto")
