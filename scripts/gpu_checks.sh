@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Correctness checks on a bare 1x H100 / H200 machine (about 3 minutes): the CUDA tests, then short
 # runs of every job on the GPU in bf16 and fp16 (loss scaling), each checked for a finite, falling
-# loss and a written summary. Carry .whl (bash scripts/gpu_wheels.sh) along; writes $OUT/checks.txt.
+# loss and a written summary; then FSDP pretraining runs, killed and resumed (fsdp_check). Carry
+# .whl (bash scripts/gpu_wheels.sh) along; writes $OUT/checks.txt.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu_checks_out}"
@@ -60,4 +61,54 @@ check finetune-fp16 finetune -c configs/finetune/cls_demo.yaml init=/tmp/gpu_run
     train.epochs=3 train.mixed_precision=fp16 optim.base_lr=8e-3 "${SMALL[@]}"
 check detect-bf16 detect -c configs/detect/demo.yaml init=/tmp/gpu_runs/mae-bf16 train.epochs=3 \
     train.mixed_precision=bf16 "${SMALL[@]}"
+
+# FSDP (configs/accelerate/fsdp.yaml, bf16 from the launcher): pretraining with pictures every
+# epoch and checkpoints, a reference run, then the same run SIGKILLed mid-way and relaunched;
+# the relaunch must log the reference's losses and export the final checkpoint's encoder.
+fsdp_check() {  # name, processes
+    local name=$1 nproc=$2 t0=$SECONDS
+    local launch=("$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml
+                  --num_processes "$nproc" --main_process_port $((29600 + nproc)) -m mim pretrain
+                  -c configs/pretrain/demo.yaml train.epochs=3 train.vis_every=1
+                  train.save_every=4 train.log_every=1 data.num_workers=4 tracking.backend=none
+                  run.output_dir=/tmp/gpu_runs run.resume=auto)
+    if ! timeout 300 "${launch[@]}" run.name="$name-ref" > "/tmp/$name-ref.log" 2>&1; then
+        echo "FAILED: $name reference (exit $?)"; grep "error" "/tmp/$name-ref.log" | tail -3
+        return
+    fi
+    setsid "${launch[@]}" run.name="$name" > "/tmp/$name.log" 2>&1 &
+    local pid=$!
+    local lines=0
+    while kill -0 $pid 2>/dev/null && [ "$lines" -lt 10 ]; do
+        sleep 0.2; lines=$(cat "/tmp/gpu_runs/$name/metrics.jsonl" 2>/dev/null | wc -l)
+    done
+    kill -KILL -- -$pid 2>/dev/null; wait $pid 2>/dev/null
+    timeout 300 "${launch[@]}" run.name="$name" >> "/tmp/$name.log" 2>&1 \
+        || { echo "FAILED: $name relaunch (exit $?)"; tail -3 "/tmp/$name.log"; return; }
+    "$PY" - /tmp/gpu_runs "$name" $((SECONDS - t0)) <<'PY'
+import json, sys
+from pathlib import Path
+from safetensors.torch import load_file
+root, name, secs = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+loss = lambda run: [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()
+                       if l.strip()]
+ref, got = loss(root / f"{name}-ref"), loss(root / name)
+run = root / name
+final = load_file(sorted((run / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
+enc = load_file(run / "encoder.safetensors")
+same_enc = bool(enc) and all((v == final[f"encoder.vit.{k}"]).all() for k, v in enc.items())
+diff = max(abs(a - b) for a, b in zip(ref, got)) if len(ref) == len(got) else float("inf")
+pics = len(list(run.glob("recon_*.png")))
+ok = diff < 1e-5 and same_enc and pics == 3
+resumed = "resumed from" in (Path("/tmp") / f"{name}.log").read_text()
+print(f"{'ok' if ok else 'FAILED'}: {name}: {len(got)} updates, resumed={resumed}, max |loss - "
+      f"reference| {diff:.2e}, encoder export = final checkpoint's: {same_enc}, {pics} pictures "
+      f"({secs} s)")
+PY
+}
+fsdp_check fsdp-1proc 1
+# NCCL refuses two ranks on one GPU; run it to record what this machine does.
+[ "$(nvidia-smi -L | wc -l)" -ge 2 ] && fsdp_check fsdp-2proc 2 \
+    || { echo "== fsdp-2proc: one GPU; NCCL needs one GPU per process, trying anyway"; \
+         fsdp_check fsdp-2proc-1gpu 2; }
 echo "done in $SECONDS s"
