@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mim.config import ConfigError, load_config
 from mim.engine import distributed
-from mim.engine.checkpoint import latest_checkpoint
+from mim.checkpoint import latest_checkpoint
 from mim.engine.distributed import check_launch
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
