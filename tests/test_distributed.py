@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from mim.engine.distributed import check_launch
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
 from tests.conftest import REPO, TINY, two_process_launch
+from tests.test_reliability import _wait_for_lines
 
 # Runs a tiny pretraining of one update in this process and prints, from inside the encoder's
 # forward, whether autocast is on and its dtype.
@@ -191,17 +191,6 @@ def _node(rank, port, over):
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mim", "pretrain", *over]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for_lines(path, n, proc, timeout=240):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            return False
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return True
-        time.sleep(0.02)
-    raise TimeoutError(f"{path} did not reach {n} lines")
 
 
 def test_two_nodes_match_one_node_and_a_lost_node_resumes_exactly(two_process_run, tmp_path):
