@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mim.checkpoint import latest_checkpoint
 from mim.config import ConfigError, load_config
 from mim.engine import distributed
-from mim.checkpoint import latest_checkpoint
 from mim.engine.distributed import check_launch
 from mim.engine.pretrain import pretrain
 from mim.engine.tracking import read_metrics
@@ -25,8 +25,7 @@ from tests.test_reliability import _wait_for_lines
 AUTOCAST_PROBE = """
 import sys, torch
 import mim.engine.pretrain as pretrain
-from mim.config import ConfigError, load_config
-from mim.engine.distributed import check_launch
+from mim.config import load_config
 seen = []
 build = pretrain.build_pretrainer
 def probed(cfg):
