@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from mim.checkpoint import (check_finite_weights, load_checkpoint, load_latest_usable,
-                            save_checkpoint)
+from mim.checkpoint import (NonFiniteWeights, check_finite_weights, load_checkpoint,
+                            load_latest_usable, save_checkpoint)
 from mim.config import JobConfig
 from mim.engine.distributed import load_model_state, load_optimizer_state, optimizer_state
 from mim.errors import ConfigError
@@ -43,7 +43,7 @@ def resolve_resume(acc: Accelerator, cfg: JobConfig, run_dir: Path
 def save_training_state(acc: Accelerator, cfg: JobConfig, run_dir: Path, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, scheduler: Any, state: LoopState) -> None:
     model_state = acc.get_state_dict(model)  # every process: FSDP gathers the shards
-    check_finite_weights(model_state, state.step)  # on every process: all of them stop
+    _agree_finite_weights(acc, model_state, state.step)
     optim_state, optim_format = optimizer_state(acc, model, optimizer)
     if acc.is_main_process:
         scaler = acc.scaler.state_dict() if acc.scaler is not None else {}
@@ -66,6 +66,24 @@ def save_training_state(acc: Accelerator, cfg: JobConfig, run_dir: Path, model: 
         save_checkpoint(run_dir / "checkpoints", state.step, model_state, train_state,
                         cfg.train.keep_last)
     acc.wait_for_everyone()
+
+
+def _agree_finite_weights(acc: Accelerator, model_state: dict[str, torch.Tensor],
+                          step: int) -> None:
+    """Every process stops if any process's copy of the weights (all of it under DDP; only rank
+    0's gathered copy under FSDP, the others hold an empty dict) is not finite."""
+    try:
+        check_finite_weights(model_state, step)
+        bad, error = 0.0, None
+    except NonFiniteWeights as e:
+        bad, error = 1.0, e
+    if acc.num_processes > 1:
+        bad = acc.reduce(torch.tensor(bad, device=acc.device), reduction="sum").item()
+    if error is not None:
+        raise error
+    if bad:
+        raise NonFiniteWeights(f"another process found inf/NaN weights at update {step}; "
+                               "not saved")
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
