@@ -95,10 +95,12 @@ def start_loop(acc, cfg: JobConfig, run_dir: Path, model: torch.nn.Module,
 def run_epoch(acc, cfg: JobConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               scheduler: Any, loader: Any, state: LoopState, metrics: MetricsLog, run_dir: Path,
               meta: dict, guards: Guards, forward: MicroForward,
-              log_extra: dict[str, Any] | None = None) -> str | None:
+              log_extra: dict[str, Any] | None = None,
+              after_update: Callable[[int], None] | None = None) -> str | None:
     """One epoch of updates from ``state.update_in_epoch``; the reason if it stopped early
     ('max_steps', 'signal'). The loss and the scalars ``forward`` returns are logged averaged over
-    the updates counted since the last log line (non-finite ones are skipped)."""
+    the updates counted since the last log line (non-finite ones are skipped). ``after_update``
+    gets the number of updates done after each one (an EMA's hook)."""
     t, accum = cfg.train, cfg.train.grad_accum_steps
     updates = meta["updates_per_epoch"]
     batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
@@ -131,6 +133,8 @@ def run_epoch(acc, cfg: JobConfig, model: torch.nn.Module, optimizer: torch.opti
                 speed.add(n * acc.num_processes)
             counted, grad_norm = finish_update(acc, cfg, optimizer, params, update["loss"], state,
                                                guards.nonfinite, meta["global_batch"])
+            if after_update is not None:
+                after_update(state.step)
             for k, v in update.items():  # every process has the same keys, counted or not
                 sums[k] = sums.get(k, torch.zeros((), device=acc.device)) + (v if counted else 0.0)
             n_sum += int(counted)

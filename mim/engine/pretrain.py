@@ -129,7 +129,8 @@ def _train(acc, cfg, model, optimizer, scheduler, loader, state: LoopState, metr
         monitor.after_epochs(acc, model, state, metrics, 0, export_encoder)
     while state.epoch < cfg.train.epochs:
         stopped = run_epoch(acc, cfg, model, optimizer, scheduler, loader, state, metrics,
-                            run_dir, meta, guards, forward)
+                            run_dir, meta, guards, forward,
+                            after_update=acc.unwrap_model(model).after_update)
         if stopped:
             return stopped
         if monitor is not None:

@@ -71,6 +71,11 @@ class Pretrainer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
+    def after_update(self, step: int) -> None:
+        """Called by the loop after optimizer update ``step`` (1-based), e.g. to move an EMA
+        teacher; state it changes must live in the module (buffers, parameters) so checkpoints
+        hold it and a resume repeats the run."""
+
 
 @dataclass(frozen=True)
 class Method:
