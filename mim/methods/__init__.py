@@ -10,6 +10,7 @@ from typing import Any
 
 from mim.methods.base import Method, MethodConfig, PretrainOutput, Pretrainer
 from mim.methods.beit import BEiT, BEiTConfig
+from mim.methods.data2vec import Data2Vec, Data2VecConfig
 from mim.methods.mae import MAE, MAEConfig
 from mim.methods.maskfeat import MaskFeat, MaskFeatConfig
 from mim.methods.simmim import SimMIM, SimMIMConfig
@@ -23,6 +24,7 @@ METHODS: dict[str, Method] = {
     "beit": Method(BEiTConfig, BEiT.from_config),
     "vq_tokenizer": Method(VQTokenizerConfig, VQTokenizer.from_config),
     "supervised": Method(SupervisedConfig, SupervisedPretrainer.from_config),
+    "data2vec": Method(Data2VecConfig, Data2Vec.from_config),
 }
 
 # Every key of the one flat ``method:`` section of earlier versions: a saved config holding all
