@@ -85,6 +85,7 @@ class FinetuneTrainConfig(LoopConfig):
     keep_last: int = 1  # a checkpoint is also written every epoch
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     best_metric: Literal["top1", "top5", "macro_f1", "loss"] = "top1"
+    ema_decay: float = 0.0  # > 0: keep a model EMA (timm's) and evaluate and export it; 0 = off
 
 
 @dataclass
@@ -149,3 +150,5 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
            f"config key 'dropout.epochs' must be in (0, train.epochs) for the "
            f"'{dr.schedule}' schedule, got {dr.epochs}")
     check(t.eval_every > 0, "config key 'train.eval_every' must be positive")
+    check(0 <= t.ema_decay < 1,
+          f"config key 'train.ema_decay' must be in [0, 1), got {t.ema_decay}")

@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import set_seed
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 
 from mim.data import EpochLoader, build_epoch_loader, eval_transform
 from mim.data.labels import SubsetSource, class_names, source_labels, stratified_subset
@@ -171,6 +172,7 @@ def _finetune(acc, cfg: Any, run_dir: Path) -> Path:
         ("FLOPs / image", f"{fmt_count(flops)} forward"),
     ])
     model, optimizer, state, metrics, _ = start_loop(acc, cfg, run_dir, model, optimizer)
+    ema = start_model_ema(acc, cfg, model, state)
     best = BestKeeper(run_dir, cfg.train.best_metric, state.extra.get("best"))
     meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
             "global_batch": global_batch, "flops_per_image": flops, "lr": lr,
@@ -182,7 +184,7 @@ def _finetune(acc, cfg: Any, run_dir: Path) -> Path:
     try:
         while state.epoch < cfg.train.epochs and not stopped:
             stopped = _epoch(acc, cfg, model, optimizer, scheduler, data, state, metrics,
-                             run_dir, meta, mixup, criterion, guards, dropout, best)
+                             run_dir, meta, mixup, criterion, guards, dropout, best, ema)
     finally:
         guards.stop.restore()
     if stopped:  # a finished epoch has saved its checkpoint already
@@ -199,20 +201,24 @@ def _finetune(acc, cfg: Any, run_dir: Path) -> Path:
 def _epoch(acc, cfg, model, optimizer, scheduler, data: ClassificationData, state: LoopState,
            metrics: MetricsLog, run_dir: Path, meta: dict, mixup: Mixup | None,
            criterion: Callable, guards: Guards, dropout: DropoutSchedule,
-           best: BestKeeper) -> str | None:
-    """Train one epoch, evaluate when due, checkpoint; the reason if it stopped early."""
+           best: BestKeeper, ema: ModelEmaV3 | None) -> str | None:
+    """Train one epoch, evaluate when due (the EMA's weights when there is one), checkpoint;
+    the reason if it stopped early."""
     meta["dropout_scale"] = dropout.set_epoch(state.epoch)
+    net = acc.unwrap_model(model)
     stopped = run_epoch(acc, cfg, model, optimizer, scheduler, data.train, state, metrics,
                         run_dir, meta, guards, partial(_forward, acc, model, mixup, criterion),
-                        log_extra={"dropout_scale": meta["dropout_scale"]})
+                        log_extra={"dropout_scale": meta["dropout_scale"]},
+                        after_update=None if ema is None else lambda step: ema.update(net))
     if stopped:
         return stopped
     epoch = state.epoch + 1
     if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
-        result, confusion = evaluate(acc, model, data.val, data.num_classes)
+        scored = model if ema is None else ema.module
+        result, confusion = evaluate(acc, scored, data.val, data.num_classes)
         state.extra["last_eval"] = {k: v for k, v in result.items()
                                     if isinstance(v, (int, float))}
-        improved = best.update(acc, result, confusion, epoch, state.step, model, meta)
+        improved = best.update(acc, result, confusion, epoch, state.step, scored, meta)
         log_eval(acc, metrics, result, confusion, state.step, epoch, best, improved,
                  data.class_names, run_dir)
     state.epoch, state.update_in_epoch = epoch, 0
@@ -220,6 +226,21 @@ def _epoch(acc, cfg, model, optimizer, scheduler, data: ClassificationData, stat
     if guards.nonfinite.in_row == 0:
         save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
     return None
+
+
+def start_model_ema(acc, cfg: Any, model: torch.nn.Module, state: LoopState) -> ModelEmaV3 | None:
+    """``train.ema_decay``: timm's EMA of the classifier, updated after every optimizer update.
+    ``state.model_ema`` holds its very tensors (timm moves them in place), so every checkpoint
+    saves them and a resume continues them."""
+    if not cfg.train.ema_decay:
+        return None
+    ema = ModelEmaV3(acc.unwrap_model(model), decay=cfg.train.ema_decay)
+    if state.model_ema:
+        ema.module.load_state_dict(state.model_ema)
+    elif state.step:
+        acc.print("note: the checkpoint holds no model EMA; it starts from the resumed weights")
+    state.model_ema = ema.module.state_dict()
+    return ema
 
 
 def _forward(acc, model, mixup: Mixup | None, criterion: Callable,

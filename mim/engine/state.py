@@ -25,6 +25,8 @@ class LoopState:
     update_in_epoch: int = 0  # updates done within ``epoch``
     images_seen: int = 0
     bad_samples: int = 0
+    # a model EMA's weights (fine-tuning's train.ema_decay): the EMA's own tensors, moved in place
+    model_ema: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
