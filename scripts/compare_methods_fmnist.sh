@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Which masked-image-modeling method wins on Fashion-MNIST (docs/results.md, "Pretraining methods
 # compared by fine-tuning"), sized for a 2-core CPU:
-#   1. MAE, SimMIM, MaskFeat and BEiT (with its VQ-VAE tokenizer first), each pretrained with the
-#      same encoder and budget (configs/pretrain/*_fmnist.yaml: 3 epochs over the 60,000 training
-#      images, labels unused); the wall time of each goes to runs/fmnist/methods_times.txt;
-#   2. `mim compare` of the four (and scratch) fine-tuned with one recipe on 10% of the labels,
+#   1. MAE, SimMIM, MaskFeat, BEiT (with its VQ-VAE tokenizer first) and data2vec, each
+#      pretrained with the same encoder and budget (configs/pretrain/*_fmnist.yaml: 3 epochs over
+#      the 60,000 training images, labels unused); the wall time of each goes to
+#      runs/fmnist/methods_times.txt;
+#   2. `mim compare` of the five (and scratch) fine-tuned with one recipe on 10% of the labels,
 #      2 seeds: runs/fmnist/fmnist-methods/report.md.
 # The MAE run is shared with scripts/reproduce_fmnist.sh. Rerunning skips what is finished.
 # Usage: bash scripts/compare_methods_fmnist.sh [extra key=value for every pretraining]
@@ -12,7 +13,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_fmnist.sh"
 TIMES="$OUT/methods_times.txt"
 [ -f runs/data/fmnist/dataset_dict.json ] || python scripts/prepare_fmnist.py
-for run in tokenizer:tokenizer simmim:pretrain maskfeat:pretrain beit:pretrain mae:pretrain; do
+for run in tokenizer:tokenizer simmim:pretrain maskfeat:pretrain beit:pretrain mae:pretrain \
+        data2vec:pretrain; do
     name=${run%%:*} cmd=${run##*:}
     [ -f "$OUT/$name-fmnist/summary.json" ] && { echo "== $name: done"; continue; }
     echo "== $name"
