@@ -129,3 +129,17 @@ def inference_runs(tmp_path_factory):
         shapes.load(i)[0].save(images / ("sub" if i % 3 == 0 else "") / f"im{i:02d}.png")
     (images / "broken.jpg").write_bytes(b"not an image")
     return out
+
+
+def full_and_resumed_losses(overrides: list[str], stop_at: int = 3) -> tuple[list, list]:
+    """Per-update losses of a pretraining run and of the same run stopped after ``stop_at``
+    updates (``train.max_steps``) and resumed to its end: equal when resuming is exact."""
+    from mim.config import load_config
+    from mim.engine.pretrain import pretrain
+    from mim.engine.tracking import read_metrics
+
+    full = pretrain(load_config(None, overrides + ["run.name=full"]))
+    part = pretrain(load_config(None, overrides + ["run.name=part", f"train.max_steps={stop_at}"]))
+    pretrain(load_config(None, overrides + ["run.name=part"]))  # resumes from update stop_at
+    return ([r["loss"] for r in read_metrics(full / "metrics.jsonl")],
+            [r["loss"] for r in read_metrics(part / "metrics.jsonl")])

@@ -16,6 +16,7 @@ from mim.data import eval_transform
 from mim.data.synthetic import SyntheticShapes
 from mim.methods import build_pretrainer
 from mim.methods.vq_tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
+from tests.conftest import full_and_resumed_losses
 
 TINY = ["model.arch=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8",
         "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "data.synthetic=true",
@@ -173,15 +174,8 @@ def test_encoder_export_loads_into_timm(name, engine_runs):
 
 def test_beit_resume_repeats_the_uninterrupted_run(tokenizer_file, tmp_path):
     """Block masks come from the engine's per-step seed, so a resumed BEiT run is exact."""
-    from mim.engine.pretrain import pretrain
-    from mim.engine.tracking import read_metrics
-
-    common = TINY + METHODS["beit"] + [f"method.tokenizer={tokenizer_file}", "train.log_every=1",
-                                       "train.save_every=2", "train.vis_every=0",
-                                       f"run.output_dir={tmp_path}"]
-    full = pretrain(load_config(None, common + ["run.name=full"]))
-    part = pretrain(load_config(None, common + ["run.name=part", "train.max_steps=3"]))
-    pretrain(load_config(None, common + ["run.name=part"]))  # resumes from update 3
-    a = [r["loss"] for r in read_metrics(full / "metrics.jsonl")]
-    b = [r["loss"] for r in read_metrics(part / "metrics.jsonl")]
+    a, b = full_and_resumed_losses(
+        TINY + METHODS["beit"] + [f"method.tokenizer={tokenizer_file}", "train.log_every=1",
+                                  "train.save_every=2", "train.vis_every=0",
+                                  f"run.output_dir={tmp_path}"])
     assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5

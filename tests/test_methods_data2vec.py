@@ -11,6 +11,7 @@ from mim.data import eval_transform
 from mim.data.synthetic import SyntheticShapes
 from mim.engine.optim import build_optimizer
 from mim.methods import build_pretrainer
+from tests.conftest import full_and_resumed_losses
 
 TINY = ["model.arch=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8",
         "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "data.synthetic=true",
@@ -94,14 +95,6 @@ def test_config_checks():
 
 def test_resume_repeats_the_uninterrupted_run(tmp_path):
     """The teacher is part of the model state, so a resumed run's targets and losses repeat."""
-    from mim.engine.pretrain import pretrain
-    from mim.engine.tracking import read_metrics
-
-    common = TINY + ["train.save_every=2", f"run.output_dir={tmp_path}"]
-    full = pretrain(load_config(None, common + ["run.name=full"]))
-    part = pretrain(load_config(None, common + ["run.name=part", "train.max_steps=3"]))
-    pretrain(load_config(None, common + ["run.name=part"]))  # resumes from update 3
-    a = [r["loss"] for r in read_metrics(full / "metrics.jsonl")]
-    b = [r["loss"] for r in read_metrics(part / "metrics.jsonl")]
+    a, b = full_and_resumed_losses(TINY + ["train.save_every=2", f"run.output_dir={tmp_path}"])
     assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5
     assert a[-1] != a[0]
