@@ -189,6 +189,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 _SECTIONS = {"config": dict, "loop": dict, "optimizer": dict, "scheduler": dict}
 _LOOP_INTS = ("step", "epoch", "update_in_epoch", "images_seen", "bad_samples")
+_LOOP_DICTS = ("extra", "model_ema")  # model_ema: the fine-tuning EMA's tensors (or none)
 
 
 def _check_train_state(state: Any, path: Path) -> None:
@@ -202,9 +203,9 @@ def _check_train_state(state: Any, path: Path) -> None:
         if not isinstance(state.get(key), kind):
             raise UnreadableCheckpoint(f"{path} is not a mim training state (no '{key}' section)")
     loop = state["loop"]
-    if set(loop) - {*_LOOP_INTS, "extra"} or not all(
+    if set(loop) - {*_LOOP_INTS, *_LOOP_DICTS} or not all(
             isinstance(loop.get(k, 0), int) for k in _LOOP_INTS) \
-            or not isinstance(loop.get("extra", {}), dict):
+            or not all(isinstance(loop.get(k) or {}, dict) for k in _LOOP_DICTS):
         raise UnreadableCheckpoint(f"{path} is not a mim training state (its 'loop' section: "
                                    f"{sorted(loop)[:6]})")
     if not {"state", "param_groups"} <= set(state["optimizer"]):

@@ -21,12 +21,7 @@ RECIPE_TINY = ["model.img_size=32", "model.embed_dim=32", "model.depth=2", "mode
                "eval.vis_images=1", "eval.score_thresh=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import json
 import os
 import struct
@@ -44,12 +45,7 @@ TINY_DET = ["task=detect", "model.arch=vit_tiny_patch16_224", "model.img_size=32
             "data.val_split=train", "eval.vis_images=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 # ----------------------------------------------------------------------------- running
@@ -66,7 +62,8 @@ def run_mim(argv: list[str]) -> Outcome:
     """``mim <argv>`` in this process: its exit code and stderr, or the traceback it escaped
     with."""
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+            _log_handlers_to(err):
         try:
             code = main(argv)
         except SystemExit as e:
@@ -74,6 +71,25 @@ def run_mim(argv: list[str]) -> Outcome:
         except BaseException:  # noqa: BLE001 - exactly what the suite looks for
             return Outcome(-1, err.getvalue(), traceback.format_exc())
     return Outcome(code, err.getvalue())
+
+
+@contextlib.contextmanager
+def _log_handlers_to(stream: io.StringIO):
+    """Libraries' log handlers (datasets has its own) keep the stderr of when they were made: in
+    a real CLI process that is the terminal; here an earlier test's capture, perhaps closed,
+    which logging reports as a traceback of its own. Point them at this run's stderr."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    handlers = {h for lg in loggers for h in lg.handlers
+                if type(h) is logging.StreamHandler}
+    old = {h: h.stream for h in handlers}  # not setStream: it flushes the old, maybe closed, one
+    for h in handlers:
+        h.stream = stream
+    try:
+        yield
+    finally:
+        for h, s in old.items():
+            h.stream = s
 
 
 def tree_hashes(root: Path, skip: Path) -> dict[str, str]:

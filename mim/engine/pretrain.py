@@ -11,7 +11,7 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
-from mim.checkpoint import state_dict_for_save
+from mim.checkpoint import latest_checkpoint, state_dict_for_save
 from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_transform
 from mim.data.labels import num_classes_of
 from mim.engine.accounting import count_flops, fmt_count, print_accounting
@@ -19,7 +19,7 @@ from mim.engine.distributed import forward_module
 from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
 from mim.engine.optim import apply_speed_options, build_optimizer, build_scheduler
 from mim.engine.run import check_disk_space, run_job, write_json
-from mim.engine.state import LoopState, resolve_resume, save_training_state
+from mim.engine.state import LoopState, save_training_state
 from mim.engine.tracking import MetricsLog, log_model_artifact
 from mim.methods import build_pretrainer
 from mim.models.init import InitReport
@@ -110,7 +110,9 @@ def _continue_from_init(acc, cfg: Any, run_dir: Path, model: torch.nn.Module
     resumes keeps its checkpoint's weights, the init is not applied again over them."""
     if cfg.init == "scratch":
         return None
-    resume = resolve_resume(cfg, run_dir)
+    mode = cfg.run.resume
+    resume = None if mode == "none" else (
+        latest_checkpoint(run_dir / "checkpoints") if mode == "auto" else Path(mode))
     if resume is not None:
         acc.print(f"init: {cfg.init} not applied again: the run resumes from {resume}")
         return None

@@ -80,12 +80,13 @@ def load_encoder_init(vit: VisionTransformer, init: str, init_file: str = "",
     ``strict``, weights that fill less than MIN_INIT_SHARE of it are an error."""
     if init == "scratch":
         return InitReport(kind="scratch", source="")
-    return load_encoder_state(vit, *read_init_state(init, init_file))
+    return load_encoder_state(vit, *read_init_state(init, init_file), strict=strict)
 
 
-def load_encoder_state(vit: VisionTransformer, state: StateDict, kind: str,
-                       source: str) -> InitReport:
-    """Fit a state dict as read by :func:`read_init_state` into ``vit`` and say what happened."""
+def load_encoder_state(vit: VisionTransformer, state: StateDict, kind: str, source: str,
+                       strict: bool = True) -> InitReport:
+    """Fit a state dict as read by :func:`read_init_state` into ``vit`` and say what happened;
+    with ``strict``, weights that fill less than MIN_INIT_SHARE of it are an error."""
     state, dropped = to_timm_keys(state, vit)
     state, adapted, dropped_head = fit_to_model(state, vit)
     missing, unexpected = vit.load_state_dict(state, strict=False)
