@@ -80,7 +80,8 @@ def config_from_dict(d: dict[str, Any], job: str = "pretrain") -> Any:
     """Rebuild a validated config from its ``to_dict()`` form (as stored in checkpoints)."""
     cfg = build(SCHEMAS[job], d)
     check_finite_floats(cfg)
-    check_run_name(cfg.run.name)
+    if isinstance(cfg, JobConfig):  # `mim knn` has no run directory
+        check_run_name(cfg.run.name)
     check_bounded_sizes(cfg)
     cfg.validate()
     return cfg

@@ -47,7 +47,7 @@ class Monitor:
     def after_epochs(self, acc, model: torch.nn.Module, state: Any, metrics: MetricsLog,
                      epochs_done: int, export: Any) -> None:
         """Probe after ``epochs_done`` epochs (0: the init, before the first update) when due.
-        ``export(net, path)`` writes the encoder file ``keep_best`` keeps."""
+        ``export(acc, model, path)`` writes the encoder file ``keep_best`` keeps."""
         if epochs_done % self.m.every:
             return
         net = acc.unwrap_model(model)
@@ -66,8 +66,8 @@ class Monitor:
                   f"({result.images} images, {result.seconds:.1f} s)")
         if self.m.keep_best and result.top1 > state.extra.get("monitor_best", -1.0):
             state.extra.update(monitor_best=result.top1, monitor_best_epoch=epochs_done)
+            tmp = self.run_dir / f".{BEST_FILE}.tmp"
+            export(acc, model, tmp)  # every process: the state is gathered under FSDP
             if acc.is_main_process:
-                tmp = self.run_dir / f".{BEST_FILE}.tmp"
-                export(net, tmp)
                 os.replace(tmp, self.run_dir / BEST_FILE)
             acc.wait_for_everyone()
