@@ -112,3 +112,15 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
     graph = _graph()
     assert graph["mim.errors"] == {"mim.data"} and graph["mim.data"] == {"mim.errors"}
     assert _layer("mim.data") > _layer("mim.errors")
+
+
+def test_the_method_registry_is_one_list_of_names():
+    """Each name of METHOD_NAMES is the module mim/methods/<name>.py whose ``METHOD`` registers
+    it, and the default ``name`` of its config section; no method file is left out."""
+    from mim.methods import METHOD_NAMES, METHODS
+
+    files = {p.stem for p in (ROOT / "methods").glob("*.py")}
+    helpers = {"__init__", "base", "masked_prediction"}
+    assert set(METHOD_NAMES) == files - helpers
+    assert list(METHODS) == list(METHOD_NAMES)
+    assert all(METHODS[n].config().name == n for n in METHOD_NAMES)

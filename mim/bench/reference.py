@@ -19,7 +19,7 @@ def reference_config(model: nn.Module) -> Any:
     """A ``transformers.ViTMAEConfig`` matching ``model`` (a mim MAE), read off the built model."""
     from transformers import ViTMAEConfig
 
-    from mim.methods import MAE
+    from mim.methods.mae import MAE
 
     if not isinstance(model, MAE):
         raise NotComparable(f"the reference is an MAE; this model is a {type(model).__name__}")

@@ -1,31 +1,22 @@
-"""Pretraining methods, one file each; :data:`METHODS` is the one list of their names.
+"""Pretraining methods, one file each; :data:`METHOD_NAMES` is the one list of their names.
 
-Adding a method: a file here with its ``<Name>Config(MethodConfig)`` (the ``method:`` keys, their
-defaults and checks) and its :class:`Pretrainer`, and one line below.
+Adding a method: a file ``mim/methods/<name>.py`` with its ``<Name>Config(MethodConfig)`` (the
+``method:`` keys, their defaults and checks), its :class:`Pretrainer` and its registry entry
+``METHOD = Method(<Name>Config, <Name>.from_config)``, and its name in :data:`METHOD_NAMES`.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 from mim.methods.base import Method, MethodConfig, PretrainOutput, Pretrainer
-from mim.methods.beit import BEiT, BEiTConfig
-from mim.methods.data2vec import Data2Vec, Data2VecConfig
-from mim.methods.mae import MAE, MAEConfig
-from mim.methods.maskfeat import MaskFeat, MaskFeatConfig
-from mim.methods.simmim import SimMIM, SimMIMConfig
-from mim.methods.supervised import SupervisedConfig, SupervisedPretrainer
-from mim.methods.vq_tokenizer import VQTokenizer, VQTokenizerConfig
 
-METHODS: dict[str, Method] = {
-    "mae": Method(MAEConfig, MAE.from_config),
-    "simmim": Method(SimMIMConfig, SimMIM.from_config),
-    "maskfeat": Method(MaskFeatConfig, MaskFeat.from_config),
-    "beit": Method(BEiTConfig, BEiT.from_config),
-    "vq_tokenizer": Method(VQTokenizerConfig, VQTokenizer.from_config),
-    "supervised": Method(SupervisedConfig, SupervisedPretrainer.from_config),
-    "data2vec": Method(Data2VecConfig, Data2Vec.from_config),
-}
+METHOD_NAMES = ("mae", "simmim", "maskfeat", "beit", "vq_tokenizer", "supervised", "data2vec")
+
+# each name is the module mim/methods/<name>.py, whose METHOD is the entry
+METHODS: dict[str, Method] = {name: import_module(f"mim.methods.{name}").METHOD
+                              for name in METHOD_NAMES}
 
 # Every key of the one flat ``method:`` section of earlier versions: a saved config holding all
 # of them (a run directory's config.yaml, a checkpoint's config) loads with the foreign ones
@@ -50,6 +41,5 @@ def build_pretrainer(cfg: Any) -> Pretrainer:
     return METHODS[cfg.method.name].build(cfg)
 
 
-__all__ = ["BEiT", "MAE", "METHODS", "MaskFeat", "Method", "MethodConfig", "PretrainOutput",
-           "Pretrainer", "SimMIM", "SupervisedPretrainer", "VQTokenizer", "build_pretrainer",
-           "list_methods", "method_configs"]
+__all__ = ["METHODS", "METHOD_NAMES", "Method", "MethodConfig", "PretrainOutput", "Pretrainer",
+           "build_pretrainer", "list_methods", "method_configs"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from mim.errors import ConfigError
 from mim.masking import gather_tokens, masked_indices
-from mim.methods.base import PretrainOutput, require
+from mim.methods.base import Method, PretrainOutput, require
 from mim.methods.masked_prediction import (MaskConfig, MaskedPredictionModel, init_head,
                                            masking_kwargs)
 from mim.methods.vq_tokenizer import VQTokenizer, load_tokenizer, read_tokenizer_meta
@@ -112,3 +112,6 @@ class BEiT(MaskedPredictionModel):
         """(B, L) code ids: the prediction at the masked patches, the tokenizer's elsewhere."""
         ids = masked_indices(out.mask, self.num_masked)
         return out.target.scatter(1, ids, out.pred.argmax(dim=-1))
+
+
+METHOD = Method(BEiTConfig, BEiT.from_config)

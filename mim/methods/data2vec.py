@@ -22,7 +22,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from mim.errors import ConfigError
-from mim.methods.base import PretrainOutput, require
+from mim.methods.base import Method, PretrainOutput, require
 from mim.methods.masked_prediction import (MaskConfig, MaskedPredictionModel, init_head,
                                            masking_kwargs)
 from mim.models.encoder import MaskedEncoder, ModelConfig, create_encoder
@@ -117,3 +117,6 @@ class Data2Vec(MaskedPredictionModel):
         loss = (F.smooth_l1_loss(p, t, beta=self.loss_beta) if self.loss_beta > 0
                 else F.mse_loss(p, t))
         return PretrainOutput(loss=loss, pred=pred, mask=mask, target=target)
+
+
+METHOD = Method(Data2VecConfig, Data2Vec.from_config)

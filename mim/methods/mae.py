@@ -16,7 +16,7 @@ from torch import nn
 
 from mim.losses import denormalize_patch_pixels, masked_mse_loss, pixel_targets
 from mim.masking import RandomMask, gather_tokens, random_masking
-from mim.methods.base import MethodConfig, PretrainOutput, Pretrainer, check_mask_ratio
+from mim.methods.base import Method, MethodConfig, PretrainOutput, Pretrainer, check_mask_ratio
 from mim.models.encoder import MaskedEncoder, ModelConfig, create_encoder, sincos_pos_embed
 from mim.viz import reconstruction_grid
 
@@ -128,3 +128,6 @@ def _init_mae_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+METHOD = Method(MAEConfig, MAE.from_config)

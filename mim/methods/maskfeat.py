@@ -15,7 +15,7 @@ from torch import nn
 
 from mim.hog import hog_dim, hog_patch_targets
 from mim.losses import masked_mse_loss
-from mim.methods.base import PretrainOutput, require
+from mim.methods.base import Method, PretrainOutput, require
 from mim.methods.masked_prediction import (MaskConfig, MaskedPredictionModel, init_head,
                                            masking_kwargs)
 from mim.models.encoder import MaskedEncoder, ModelConfig, create_encoder
@@ -59,3 +59,6 @@ class MaskFeat(MaskedPredictionModel):
                                        self.hog_bins)
         loss = masked_mse_loss(pred, target, mask)
         return PretrainOutput(loss=loss, pred=pred, mask=mask, target=target)
+
+
+METHOD = Method(MaskFeatConfig, MaskFeat.from_config)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mim.losses import denormalize_patch_pixels, masked_l1_loss, pixel_targets
-from mim.methods.base import PretrainOutput
+from mim.methods.base import Method, PretrainOutput
 from mim.methods.masked_prediction import (MaskConfig, MaskedPredictionModel, init_head,
                                            masking_kwargs)
 from mim.models.encoder import MaskedEncoder, create_encoder
@@ -56,3 +56,6 @@ class SimMIM(MaskedPredictionModel):
         if self.norm_pix_loss:
             return denormalize_patch_pixels(out.pred, images, self.encoder.patch_size)
         return out.pred.float()
+
+
+METHOD = Method(SimMIMConfig, SimMIM.from_config)

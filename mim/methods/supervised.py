@@ -18,7 +18,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from mim.errors import ConfigError
-from mim.methods.base import MethodConfig, PretrainOutput, Pretrainer, require
+from mim.methods.base import Method, MethodConfig, PretrainOutput, Pretrainer, require
 from mim.models.encoder import MaskedEncoder, ModelConfig, create_encoder
 
 
@@ -61,3 +61,6 @@ class SupervisedPretrainer(Pretrainer):
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return PretrainOutput(loss=loss, pred=logits, mask=mask, target=labels,
                               metrics={"train_top1": accuracy})
+
+
+METHOD = Method(SupervisedConfig, SupervisedPretrainer.from_config)

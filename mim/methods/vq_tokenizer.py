@@ -32,7 +32,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mim.losses import pixel_targets
-from mim.methods.base import MethodConfig, PretrainOutput, Pretrainer, require
+from mim.methods.base import Method, MethodConfig, PretrainOutput, Pretrainer, require
 from mim.models.encoder import MaskedEncoder, ModelConfig, create_encoder, sincos_pos_embed
 from mim.viz import token_grid
 
@@ -236,3 +236,6 @@ def load_tokenizer(path: str | Path) -> tuple[VQTokenizer, dict[str, Any]]:
     tok = VQTokenizer(create_encoder(model_cfg), **meta["tokenizer"])
     tok.load_state_dict(load_file(str(tokenizer_path(path))))
     return tok.requires_grad_(False).eval(), meta
+
+
+METHOD = Method(VQTokenizerConfig, VQTokenizer.from_config)
