@@ -54,3 +54,40 @@ def test_ema_decay_is_checked():
 
     with pytest.raises(ConfigError, match="train.ema_decay"):
         load_config(None, TINY_FT + ["train.ema_decay=1.0"], job="finetune")
+
+
+def test_detector_ema_is_evaluated_saved_and_resumed(tmp_path):
+    """Detection's ``train.ema_decay``: the EMA is scored, saved as model.safetensors, and a
+    run stopped mid-way and resumed ends with the same EMA as the uninterrupted one."""
+    from mim.engine.detect import detect, evaluate_run as evaluate_detections
+    from tests.test_detect_engine import TINY
+
+    def det(name, *extra):
+        return load_config(None, TINY + [f"run.output_dir={tmp_path}", f"run.name={name}",
+                                         "data.synthetic_size=24", "data.batch_size=8",
+                                         "train.epochs=2", "train.ema_decay=0.7",
+                                         "optim.lr=2e-3", "eval.vis_images=0", *extra],
+                           job="detect")
+
+    full = detect(det("full"))
+    model_state, train_state = load_checkpoint(latest_checkpoint(full / "checkpoints"))
+    ema = train_state["loop"]["model_ema"]
+    saved = load_file(full / "model.safetensors")
+    assert set(saved) == set(ema) and all(torch.equal(saved[k], ema[k]) for k in saved)
+    assert any(not torch.equal(saved[k], model_state[k]) for k in saved)  # the EMA, not the model
+    logged = [r for r in read_metrics(full / "metrics.jsonl") if "val/map" in r][-1]
+    assert evaluate_detections(full)["map"] == pytest.approx(logged["val/map"], abs=1e-6)
+
+    part = detect(det("part", "train.max_steps=3", "run.resume=auto"))
+    assert not (part / "summary.json").exists()
+    detect(det("part", "run.resume=auto"))
+    eb = load_checkpoint(latest_checkpoint(part / "checkpoints"))[1]["loop"]["model_ema"]
+    assert all(torch.allclose(ema[k], eb[k], atol=1e-6) for k in ema)
+
+
+def test_detector_ema_decay_is_checked():
+    from mim.config import ConfigError
+    from tests.test_detect_engine import TINY
+
+    with pytest.raises(ConfigError, match="train.ema_decay"):
+        load_config(None, TINY + ["train.ema_decay=-0.1"], job="detect")

@@ -83,6 +83,7 @@ class DetectTrainConfig(LoopConfig):
     epochs: int = 12
     keep_last: int = 1
     eval_every: int = 1  # epochs; the last epoch is always evaluated
+    ema_decay: float = 0.0  # > 0: keep a model EMA (timm's) and evaluate and save it; 0 = off
 
 
 @dataclass
@@ -138,6 +139,8 @@ def validate_detect(cfg: DetectConfig) -> None:
     check(bool(d.val_split), "config key 'data.val_split' must be set")
     check(0 < d.val_fraction < 1,
           f"config key 'data.val_fraction' must be in (0, 1), got {d.val_fraction}")
+    check(0 <= cfg.train.ema_decay < 1,
+          f"config key 'train.ema_decay' must be in [0, 1), got {cfg.train.ema_decay}")
     check(0 < o.layer_decay <= 1, f"config key 'optim.layer_decay' must be in (0, 1], "
                                    f"got {o.layer_decay}")
     check(lo.focal_alpha < 1, "config key 'loss.focal_alpha' must be < 1 (negative = no weight)")

@@ -1,5 +1,5 @@
-"""Detection fine-tuning: wiring (``detect``), the forward pass the shared loop
-(:func:`mim.engine.loop.run_epoch`) runs, and COCO evaluation (``evaluate``, ``evaluate_run`` for
+"""Detection fine-tuning as a :class:`~mim.engine.job.TrainingJob` (data, forward pass, per-epoch
+evaluation, the saved model), and COCO evaluation (``evaluate``, ``evaluate_run`` for
 ``mim evaluate --run``).
 
 Every evaluation writes ``predictions.json`` (COCO results, in the ground truth's image and
@@ -11,27 +11,27 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import save_file
+from timm.utils import ModelEmaV3
 
 from mim.checkpoint import load_weights_into, state_dict_for_save
-from mim.config import ConfigError, load_config
+from mim.config import ConfigError, DetectConfig, load_config
 from mim.data.detection import build_detection_loader, detection_transform, pad_collate
 from mim.data.detection_sources import build_detection_source, coco_ground_truth
 from mim.data.labels import DetectionSubset, covering_subset
 from mim.data.loader import EpochLoader
 from mim.data.splits import detection_train_val, has_split, holdout_record
-from mim.engine.accounting import count_flops, fmt_count, print_accounting
+from mim.engine.accounting import count_flops, fmt_count
 from mim.engine.distributed import forward_module
-from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
-from mim.engine.optim import build_optimizer, build_scheduler
-from mim.engine.run import check_disk_space, make_accelerator, run_job, write_json
-from mim.engine.state import save_training_state
+from mim.engine.job import TrainingJob, train
+from mim.engine.loop import Budget, Loop
+from mim.engine.run import make_accelerator, run_job, write_json
+from mim.engine.state import start_model_ema
 from mim.engine.tracking import MetricsLog, log_model_artifact
 from mim.losses import dense_detection_loss
 from mim.metrics.detection import METRIC_KEYS, CocoDetectionEvaluator, to_coco_results
@@ -51,7 +51,7 @@ class DetectionData:
     held_out: dict | None = None  # the validation images held out of the training split
 
 
-def _val_loader(cfg: Any, source: Any, rank: int, world: int, size_div: int) -> EpochLoader:
+def _val_loader(cfg: DetectConfig, source: Any, rank: int, world: int, size_div: int) -> EpochLoader:
     d = cfg.data
     return build_detection_loader(
         source, detection_transform(cfg.model.img_size, False, d.mean, d.std,
@@ -61,7 +61,7 @@ def _val_loader(cfg: Any, source: Any, rank: int, world: int, size_div: int) -> 
         drop_last=False)
 
 
-def build_detection_data(cfg: Any, rank: int, world: int, size_div: int) -> DetectionData:
+def build_detection_data(cfg: DetectConfig, rank: int, world: int, size_div: int) -> DetectionData:
     d, m = cfg.data, cfg.model
     sets = detection_train_val(d, m.img_size, cfg.run.seed)
     train, val = sets.train, sets.val
@@ -85,7 +85,7 @@ def build_detection_data(cfg: Any, rank: int, world: int, size_div: int) -> Dete
                          sum(map(len, image_classes)), held)
 
 
-def _num_classes(cfg: Any, classes: list[str]) -> int:
+def _num_classes(cfg: DetectConfig, classes: list[str]) -> int:
     k = cfg.model.num_classes or len(classes)
     if k < len(classes):
         raise ConfigError(f"config key 'model.num_classes' ({k}) is below the dataset's "
@@ -93,105 +93,148 @@ def _num_classes(cfg: Any, classes: list[str]) -> int:
     return k
 
 
-def detect(cfg: Any) -> Path:
+def detect(cfg: DetectConfig) -> Path:
     """Run (or resume) the detection fine-tuning ``cfg`` describes; returns the run directory."""
-    return run_job(cfg, _detect)
+    return run_job(cfg, lambda acc, cfg, run_dir: train(DetectJob(acc, cfg, run_dir)))
 
 
-def _detect(acc, cfg: Any, run_dir: Path) -> Path:
-    set_seed(cfg.run.seed)
-    m, d, o = cfg.model, cfg.data, cfg.optim
-    size_div = int(m.patch_size / min(m.pyramid_scales))
-    data = build_detection_data(cfg, acc.process_index, acc.num_processes, size_div)
-    if data.held_out is not None and acc.is_main_process:
-        write_json(run_dir / "val_split.json", data.held_out)
-    model, init_report = build_detector(cfg, _num_classes(cfg, data.classes))
-    budget = loop_budget(acc, cfg, data.train.batches_per_epoch, len(data.train.dataset),
-                         "lower 'data.batch_size'")
-    updates_per_epoch, total_updates = budget.updates_per_epoch, budget.total_updates
-    global_batch, lr = budget.global_batch, budget.lr
-    flops = count_flops(model, torch.zeros(1, m.in_chans, m.img_size, m.img_size))
-    if acc.is_main_process:
-        check_disk_space(run_dir, model, cfg.train.keep_last)
-    optimizer = build_optimizer(model, cfg, lr,
-                                **({"layer_decay": o.layer_decay} if o.layer_decay < 1 else {}))
-    scheduler = build_scheduler(optimizer, cfg, total_updates, updates_per_epoch)
-    enc = sum(p.numel() for p in model.backbone.parameters())
-    print_accounting(acc, [
-        ("run directory", run_dir), ("init", f"{cfg.init} ({init_report.kind})"),
-        ("model", f"{m.arch}, max side {m.img_size} px, patch {m.patch_size}, pyramid strides "
-                  f"{model.strides}, {model.head.classification_head.num_anchors} anchors/pos"),
-        ("train images", f"{len(data.train.dataset)} ({data.train_boxes} boxes"
-                         + (f", label fraction {d.label_fraction:g})" if d.label_fraction < 1
-                            else ")")), ("val images", len(data.val.dataset)),
-        ("classes", f"{model.num_classes}"), ("val box issues", len(data.val_issues)),
-        ("per-device batch", d.batch_size), ("devices", f"{acc.num_processes} ({acc.device.type})"),
-        ("global batch", global_batch), ("updates / epoch", updates_per_epoch),
-        ("total updates", total_updates),
-        ("lr", f"{lr:.3g}" + ("" if o.lr else f" (base_lr {o.base_lr:g} x {global_batch} / 256)")
-         + f", layer decay {o.layer_decay:g}, clip {o.clip_grad.mode}"),
-        ("loss", f"focal (alpha {cfg.loss.focal_alpha:g}, gamma {cfg.loss.focal_gamma:g}) + "
-                 f"{cfg.loss.box} x {cfg.loss.box_weight:g}, / positives"),
-        ("parameters", f"{fmt_count(sum(p.numel() for p in model.parameters()))} "
-                       f"({fmt_count(enc)} encoder)"),
-        ("FLOPs / image", f"{fmt_count(flops)} forward at {m.img_size}x{m.img_size}"),
-    ])
-    for line in init_report.lines():
-        acc.print(line)
-    for issue in data.val_issues[:5]:
-        acc.print(f"  data issue: {issue}")
-    model, optimizer, state, metrics, resumed = start_loop(acc, cfg, run_dir, model, optimizer)
-    if acc.is_main_process:
-        write_json(run_dir / "ground_truth.json", data.ground_truth)
-        if not resumed and data.val_issues:  # out-of-image boxes are clipped, not listed
-            with open(run_dir / "data_issues.jsonl", "a") as f:
-                f.writelines(json.dumps({"split": d.val_split, "issue": issue}) + "\n"
-                             for issue in data.val_issues)
-    meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
-            "global_batch": global_batch, "flops_per_image": flops, "lr": lr,
-            "classes": data.classes, "category_ids": data.category_ids,
-            "init": init_report.to_dict()}
-    last_eval: dict[str, Any] = state.extra.get("last_eval", {})
-    guards = Guards.for_run(acc, cfg, len(data.train.dataset))
-    stopped, forward = None, partial(_forward, acc, model, cfg.loss)
-    try:
-        while state.epoch < cfg.train.epochs and not stopped:
-            stopped = run_epoch(acc, cfg, model, optimizer, scheduler, data.train, state,
-                                metrics, run_dir, meta, guards, forward)
-            if stopped:
-                break
-            epoch = state.epoch + 1
-            if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
-                last_eval = evaluate_and_log(acc, cfg, model, data, metrics, run_dir,
-                                             state.step, epoch)
-            state.epoch, state.update_in_epoch = epoch, 0
-            state.extra["last_eval"] = {k: last_eval[k] for k in METRIC_KEYS if k in last_eval}
-    finally:
-        guards.stop.restore()
-    save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
-    report_stop(acc, stopped, state, guards)
-    final_state = acc.get_state_dict(model) if not stopped else {}  # every process (FSDP)
-    if acc.is_main_process and not stopped:
+class DetectJob(TrainingJob[DetectConfig]):
+    """A ViT detector from an init: COCO evaluation when due (the EMA's weights when
+    ``train.ema_decay`` is set), ``model.safetensors`` and ``summary.json`` at the end."""
+
+    def __init__(self, acc, cfg: DetectConfig, run_dir: Path) -> None:
+        super().__init__(acc, cfg, run_dir)
+        set_seed(cfg.run.seed)
+        m = cfg.model
+        size_div = int(m.patch_size / min(m.pyramid_scales))
+        self.data = data = build_detection_data(cfg, acc.process_index, acc.num_processes,
+                                                size_div)
+        if data.held_out is not None and acc.is_main_process:
+            write_json(run_dir / "val_split.json", data.held_out)
+        self.model, self.init_report = build_detector(cfg, _num_classes(cfg, data.classes))
+        self.loader, self.num_images = data.train, len(data.train.dataset)
+        self.ema: ModelEmaV3 | None = None
+        self.last_eval: dict[str, Any] = {}
+        self.flops_per_image = 0
+
+    def flops(self) -> int:
+        m = self.cfg.model
+        self.flops_per_image = count_flops(self.model,
+                                           torch.zeros(1, m.in_chans, m.img_size, m.img_size))
+        return self.flops_per_image
+
+    def optimizer_options(self) -> dict[str, Any]:
+        decay = self.cfg.optim.layer_decay
+        return {"layer_decay": decay} if decay < 1 else {}
+
+    def accounting(self, budget: Budget, flops: int) -> list[tuple[str, Any]]:
+        cfg, acc, data, model = self.cfg, self.acc, self.data, self.model
+        m, d, o = cfg.model, cfg.data, cfg.optim
+        enc = sum(p.numel() for p in model.backbone.parameters())
+        return [
+            ("run directory", self.run_dir), ("init", f"{cfg.init} ({self.init_report.kind})"),
+            ("model", f"{m.arch}, max side {m.img_size} px, patch {m.patch_size}, pyramid "
+                      f"strides {model.strides}, "
+                      f"{model.head.classification_head.num_anchors} anchors/pos"),
+            ("train images", f"{self.num_images} ({data.train_boxes} boxes"
+                             + (f", label fraction {d.label_fraction:g})"
+                                if d.label_fraction < 1 else ")")),
+            ("val images", len(data.val.dataset)), ("classes", f"{model.num_classes}"),
+            ("val box issues", len(data.val_issues)), ("per-device batch", d.batch_size),
+            ("devices", f"{acc.num_processes} ({acc.device.type})"),
+            ("global batch", budget.global_batch), ("updates / epoch", budget.updates_per_epoch),
+            ("total updates", budget.total_updates),
+            ("lr", f"{budget.lr:.3g}"
+             + ("" if o.lr else f" (base_lr {o.base_lr:g} x {budget.global_batch} / 256)")
+             + f", layer decay {o.layer_decay:g}, clip {o.clip_grad.mode}"),
+            ("loss", f"focal (alpha {cfg.loss.focal_alpha:g}, gamma {cfg.loss.focal_gamma:g}) + "
+                     f"{cfg.loss.box} x {cfg.loss.box_weight:g}, / positives"),
+            *([("model EMA", f"decay {cfg.train.ema_decay:g} (evaluated and saved)")]
+              if cfg.train.ema_decay else []),
+            ("parameters", f"{fmt_count(sum(p.numel() for p in model.parameters()))} "
+                           f"({fmt_count(enc)} encoder)"),
+            ("FLOPs / image", f"{fmt_count(flops)} forward at {m.img_size}x{m.img_size}"),
+        ]
+
+    def notes(self) -> list[str]:
+        return self.init_report.lines() + [f"  data issue: {issue}"
+                                           for issue in self.data.val_issues[:5]]
+
+    def started(self, loop: Loop[DetectConfig], resumed: bool) -> None:
+        acc, data = loop.acc, self.data
+        self.ema = start_model_ema(acc, self.cfg.train.ema_decay, loop.model, loop.state)
+        self.last_eval = loop.state.extra.get("last_eval", {})
+        if acc.is_main_process:
+            write_json(self.run_dir / "ground_truth.json", data.ground_truth)
+            if not resumed and data.val_issues:  # out-of-image boxes are clipped, not listed
+                with open(self.run_dir / "data_issues.jsonl", "a") as f:
+                    f.writelines(json.dumps({"split": self.cfg.data.val_split, "issue": issue})
+                                 + "\n" for issue in data.val_issues)
+
+    def forward(self, loop: Loop[DetectConfig], batch: dict) -> tuple[torch.Tensor, dict, int]:
+        """One micro-batch: the detector under autocast, then anchor assignment and the focal +
+        box loss in fp32, divided on every process by the same (mean) number of positives."""
+        acc, lc = loop.acc, self.cfg.loss
+        images = batch["images"].to(acc.device, non_blocking=True)
+        pad_mask = batch["mask"].to(acc.device, non_blocking=True)
+        net: DenseDetector = acc.unwrap_model(loop.model)
+        with acc.autocast():
+            out = loop.model(images, pad_mask)
+        labels, boxes = net.assign(out, batch["targets"])
+        num_pos = acc.reduce((labels >= 0).sum().float(), reduction="mean")
+        losses = dense_detection_loss(
+            out.cls_logits, out.box_deltas, out.anchors, labels, boxes, net.box_coder,
+            alpha=lc.focal_alpha, gamma=lc.focal_gamma, box=lc.box, box_weight=lc.box_weight,
+            num_pos=num_pos)
+        scalars = {"loss_cls": losses["loss_cls"], "loss_box": losses["loss_box"],
+                   "positives": num_pos}
+        return losses["loss"], scalars, images.shape[0]
+
+    def after_update(self, loop: Loop[DetectConfig]) -> Callable[[int], None] | None:
+        if self.ema is None:
+            return None
+        ema, net = self.ema, loop.acc.unwrap_model(loop.model)
+        return lambda step: ema.update(net)
+
+    def scored_model(self, loop: Loop[DetectConfig]) -> torch.nn.Module:
+        """What is evaluated and saved: the EMA's weights when there is one."""
+        return loop.model if self.ema is None else self.ema.module
+
+    def epoch_ends(self, loop: Loop[DetectConfig], epoch: int) -> None:
+        if epoch % self.cfg.train.eval_every == 0 or epoch == self.cfg.train.epochs:
+            self.last_eval = evaluate_and_log(loop.acc, self.cfg, self.scored_model(loop),
+                                              self.data, loop.metrics, self.run_dir,
+                                              loop.state.step, epoch)
+        loop.state.extra["last_eval"] = {k: self.last_eval[k] for k in METRIC_KEYS
+                                         if k in self.last_eval}
+
+    def finish(self, loop: Loop[DetectConfig]) -> None:
+        acc, cfg, state, run_dir, data = loop.acc, self.cfg, loop.state, self.run_dir, self.data
+        last_eval, b = self.last_eval, loop.budget
+        final_state = acc.get_state_dict(self.scored_model(loop))  # every process (FSDP)
+        if not acc.is_main_process:
+            return
         save_file(state_dict_for_save(final_state), str(run_dir / "model.safetensors"))
         write_json(run_dir / "summary.json", {
             **{k: last_eval.get(k) for k in METRIC_KEYS},
             "per_class_ap": last_eval.get("per_class_ap", {}), "updates": state.step,
-            "train_images": len(data.train.dataset), "train_boxes": data.train_boxes,
-            "label_fraction": d.label_fraction,
+            "train_images": self.num_images, "train_boxes": data.train_boxes,
+            "label_fraction": cfg.data.label_fraction,
             "epochs": state.epoch, "images_seen": state.images_seen,
-            "bad_samples": state.bad_samples, "nonfinite_updates": guards.nonfinite.total,
+            "bad_samples": state.bad_samples, "nonfinite_updates": loop.guards.nonfinite.total,
             "val_box_issues": len(data.val_issues),
-            "train_label_issues": _count_issues(run_dir / "data_issues.jsonl", d.split),
+            "train_label_issues": _count_issues(run_dir / "data_issues.jsonl", cfg.data.split),
             "pr_score_thresh": cfg.eval.pr_score_thresh,
-            **meta})
+            "total_updates": b.total_updates, "updates_per_epoch": b.updates_per_epoch,
+            "global_batch": b.global_batch, "flops_per_image": self.flops_per_image,
+            "lr": b.lr, "classes": data.classes, "category_ids": data.category_ids,
+            "init": self.init_report.to_dict(), "model_ema": cfg.train.ema_decay})
         log_model_artifact(acc, cfg, [run_dir / "model.safetensors", run_dir / "config.yaml",
                                       run_dir / "summary.json"])
         acc.print(f"done: {state.step} updates, mAP {last_eval.get('map', 0):.4f}, mAP@0.5 "
                   f"{last_eval.get('map_50', 0):.4f}. Results in {run_dir}/ (summary.json, "
                   "metrics.jsonl, predictions.json, ground_truth.json, detections_*.png, "
                   "model.safetensors)")
-    acc.wait_for_everyone()
-    return run_dir
 
 
 def _count_issues(path: Path, split: str) -> int:
@@ -200,24 +243,6 @@ def _count_issues(path: Path, split: str) -> int:
         return 0
     rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
     return len({r["issue"] for r in rows if r.get("split") == split and "issue" in r})
-
-
-def _forward(acc, model, lc: Any, batch: dict) -> tuple[torch.Tensor, dict, int]:
-    """One micro-batch: the detector under autocast, then anchor assignment and the focal + box
-    loss in fp32, divided on every process by the same (mean) number of positives."""
-    images = batch["images"].to(acc.device, non_blocking=True)
-    mask = batch["mask"].to(acc.device, non_blocking=True)
-    net: DenseDetector = acc.unwrap_model(model)
-    with acc.autocast():
-        out = model(images, mask)
-    labels, boxes = net.assign(out, batch["targets"])
-    num_pos = acc.reduce((labels >= 0).sum().float(), reduction="mean")
-    losses = dense_detection_loss(
-        out.cls_logits, out.box_deltas, out.anchors, labels, boxes, net.box_coder,
-        alpha=lc.focal_alpha, gamma=lc.focal_gamma, box=lc.box, box_weight=lc.box_weight,
-        num_pos=num_pos)
-    scalars = {"loss_cls": losses["loss_cls"], "loss_box": losses["loss_box"], "positives": num_pos}
-    return losses["loss"], scalars, images.shape[0]
 
 
 def to_original_pixels(det: dict[str, torch.Tensor], size: torch.Tensor, orig: torch.Tensor
@@ -230,7 +255,7 @@ def to_original_pixels(det: dict[str, torch.Tensor], size: torch.Tensor, orig: t
 
 
 @torch.no_grad()
-def predict(acc, model: torch.nn.Module, loader: EpochLoader, cfg: Any,
+def predict(acc, model: torch.nn.Module, loader: EpochLoader, cfg: DetectConfig,
             category_ids: list[int]) -> list[dict[str, Any]]:
     """COCO results of the whole split: every process its shard, gathered on every process."""
     net: DenseDetector = acc.unwrap_model(model)
@@ -251,7 +276,7 @@ def predict(acc, model: torch.nn.Module, loader: EpochLoader, cfg: Any,
     return gather_object(results) if acc.num_processes > 1 else results
 
 
-def evaluate_and_log(acc, cfg: Any, model: torch.nn.Module, data: DetectionData,
+def evaluate_and_log(acc, cfg: DetectConfig, model: torch.nn.Module, data: DetectionData,
                      metrics: MetricsLog, run_dir: Path, step: int, epoch: int) -> dict[str, Any]:
     results = predict(acc, model, data.val, cfg, data.category_ids)
     png = save_detection_picture(acc, cfg, model, data,
@@ -280,7 +305,7 @@ def evaluate_and_log(acc, cfg: Any, model: torch.nn.Module, data: DetectionData,
 
 
 @torch.no_grad()
-def save_detection_picture(acc, cfg: Any, model: torch.nn.Module, data: DetectionData,
+def save_detection_picture(acc, cfg: DetectConfig, model: torch.nn.Module, data: DetectionData,
                            path: Path) -> Path | None:
     """The first ``eval.vis_images`` validation images with predictions and ground truth.
     Every process runs the forward (FSDP gathers the shards in it); the main process saves."""

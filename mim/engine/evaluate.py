@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mim.checkpoint import load_weights_into, state_dict_for_save
-from mim.config import ConfigError, load_config
+from mim.config import ConfigError, FinetuneConfig, load_config
 from mim.data import build_epoch_loader, build_source, eval_transform
 from mim.data.splits import has_split, train_val_sources
 from mim.engine.distributed import forward_module
@@ -71,7 +71,7 @@ class BestKeeper:
         return value < old if self.metric == "loss" else value > old
 
     def update(self, acc, result: dict, confusion: torch.Tensor, epoch: int, step: int,
-               model: torch.nn.Module, meta: dict) -> bool:
+               model: torch.nn.Module, num_classes: int, class_names: list[str]) -> bool:
         value = result[self.metric]
         if not self.is_better(value):
             return False
@@ -83,9 +83,9 @@ class BestKeeper:
             tmp.mkdir(parents=True)
             save_file(state_dict_for_save(state), str(tmp / "model.safetensors"))
             write_json(tmp / "metrics.json", {"best": self.record, "metrics": result,
-                                              "num_classes": meta["num_classes"],
-                                              "class_names": meta["class_names"]})
-            save_confusion_matrix(confusion, meta["class_names"], tmp / "confusion_matrix.png",
+                                              "num_classes": num_classes,
+                                              "class_names": class_names})
+            save_confusion_matrix(confusion, class_names, tmp / "confusion_matrix.png",
                                   title=f"epoch {epoch}: top-1 {result['top1']:.4f}")
             shutil.rmtree(self.dir, ignore_errors=True)
             tmp.rename(self.dir)
@@ -116,7 +116,7 @@ def log_eval(acc, metrics: MetricsLog, result: dict, confusion: torch.Tensor, st
               + ("  (best)" if improved else ""))
 
 
-def write_finetune_summary(acc, cfg: Any, run_dir: Path, state: LoopState, best: BestKeeper,
+def write_finetune_summary(acc, cfg: FinetuneConfig, run_dir: Path, state: LoopState, best: BestKeeper,
                            last_eval: dict, meta: dict) -> None:
     """Export the best classifier for timm and write ``summary.json`` (main process). The
     export is a fresh model holding the best weights: under FSDP the trained one is sharded."""

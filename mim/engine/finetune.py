@@ -1,5 +1,5 @@
-"""Fine-tuning a ViT classifier: wiring (``finetune``), its epoch (train, evaluate, checkpoint)
-and the forward pass the shared loop (:func:`mim.engine.loop.run_epoch`) runs.
+"""Fine-tuning a ViT classifier as a :class:`~mim.engine.job.TrainingJob`: its data, loss, forward
+pass and per-epoch evaluation.
 
 Evaluation, the best checkpoint and re-evaluation of a finished run live in
 :mod:`mim.engine.evaluate`.
@@ -22,13 +22,13 @@ from mim.data import EpochLoader, build_epoch_loader, eval_transform
 from mim.data.labels import SubsetSource, class_names, source_labels, stratified_subset
 from mim.data.splits import holdout_record, train_val_sources
 from mim.data.transforms import finetune_transform
-from mim.engine.accounting import count_flops, fmt_count, print_accounting
+from mim.config import FinetuneConfig
+from mim.engine.accounting import count_flops, fmt_count
 from mim.engine.evaluate import BestKeeper, evaluate, log_eval, write_finetune_summary
-from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
-from mim.engine.optim import build_optimizer, build_scheduler
-from mim.engine.run import check_disk_space, run_job, write_json
-from mim.engine.state import LoopState, save_training_state
-from mim.engine.tracking import MetricsLog
+from mim.engine.job import TrainingJob, train
+from mim.engine.loop import Budget, Loop
+from mim.engine.run import run_job, write_json
+from mim.engine.state import start_model_ema
 from mim.errors import ConfigError
 from mim.losses import softmax_focal_loss
 from mim.models.classifier import DropoutSchedule, build_classifier
@@ -46,7 +46,7 @@ class ClassificationData:
     held_out: dict | None = None  # the validation images held out of the training split
 
 
-def build_classification_data(cfg: Any, rank: int, world_size: int) -> ClassificationData:
+def build_classification_data(cfg: FinetuneConfig, rank: int, world_size: int) -> ClassificationData:
     """Training loader on a class-stratified ``label_fraction`` and a validation loader that
     shards the ``val_split`` exactly (no padding, no repeated sample)."""
     d, m = cfg.data, cfg.model
@@ -86,7 +86,7 @@ def _check_val_split(d: Any, train: Any, val: Any) -> None:
                           f"differ from the training split's {list(names_train)[:5]}...")
 
 
-def build_mixup(cfg: Any, num_classes: int) -> Mixup | None:
+def build_mixup(cfg: FinetuneConfig, num_classes: int) -> Mixup | None:
     mx = cfg.mixup
     if mx.mixup_alpha <= 0 and mx.cutmix_alpha <= 0:
         return None
@@ -95,7 +95,7 @@ def build_mixup(cfg: Any, num_classes: int) -> Mixup | None:
                  label_smoothing=cfg.loss.label_smoothing, num_classes=num_classes)
 
 
-def build_train_loss(cfg: Any, num_classes: int, mixup: bool) -> Callable:
+def build_train_loss(cfg: FinetuneConfig, num_classes: int, mixup: bool) -> Callable:
     """Focal, soft-target CE (mixup's targets carry the smoothing), smoothed CE, or plain CE."""
     loss = cfg.loss
     if loss.alpha and len(loss.alpha) != num_classes:
@@ -112,144 +112,131 @@ def build_train_loss(cfg: Any, num_classes: int, mixup: bool) -> Callable:
     return torch.nn.CrossEntropyLoss()
 
 
-def finetune(cfg: Any) -> Path:
+def finetune(cfg: FinetuneConfig) -> Path:
     """Run (or resume) the fine-tuning described by ``cfg``; returns the run directory."""
-    return run_job(cfg, _finetune)
+    return run_job(cfg, lambda acc, cfg, run_dir: train(FinetuneJob(acc, cfg, run_dir)))
 
 
-def _finetune(acc, cfg: Any, run_dir: Path) -> Path:
-    set_seed(cfg.run.seed)
-    data = build_classification_data(cfg, acc.process_index, acc.num_processes)
-    if data.held_out is not None and acc.is_main_process:
-        write_json(run_dir / "val_split.json", data.held_out)
-    model, init_report = build_classifier(cfg, data.num_classes)
-    for line in init_report.lines():
-        acc.print(line)
-    d, o, accum = cfg.data, cfg.optim, cfg.train.grad_accum_steps
-    budget = loop_budget(acc, cfg, data.train.batches_per_epoch, data.train_images,
-                         "lower 'data.batch_size' or raise 'data.label_fraction'")
-    updates_per_epoch, total_updates = budget.updates_per_epoch, budget.total_updates
-    global_batch, lr = budget.global_batch, budget.lr
-    mixup = build_mixup(cfg, data.num_classes)
-    criterion = build_train_loss(cfg, data.num_classes, mixup is not None)
-    size = cfg.model.img_size
-    flops = count_flops(model, torch.zeros(2, cfg.model.in_chans, size, size))
-    for m in model.modules():  # the FLOP count's forward must not leave BatchNorm statistics
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-    if acc.is_main_process:
-        check_disk_space(run_dir, model, cfg.train.keep_last)
-    optimizer = build_optimizer(model, cfg, lr,
-                                **({"layer_decay": o.layer_decay} if o.layer_decay < 1 else {}))
-    scheduler = build_scheduler(optimizer, cfg, total_updates, updates_per_epoch)
-    dropout = DropoutSchedule(model, cfg.dropout.schedule, cfg.dropout.epochs)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print_accounting(acc, [
-        ("run directory", run_dir), ("init", f"{cfg.init} ({init_report.kind})"),
-        ("model", f"{cfg.model.arch}, {size} px, patch {cfg.model.patch_size}, "
-                  f"pool {cfg.model.global_pool}"),
-        ("tune", cfg.tune.mode + (f" (last {cfg.tune.blocks} blocks)"
-                                  if cfg.tune.mode == "partial" else "")),
-        ("train images", f"{data.train_images} of {data.all_train_images} "
-                         f"(label_fraction {d.label_fraction:g}, stratified)"),
-        ("val images", f"{data.val_images} ('{d.val_split}' split)" if data.held_out is None
-         else f"{data.val_images} held out of '{d.split}' (no '{d.val_split}' split; "
-              f"val_fraction {d.val_fraction:g}, listed in val_split.json)"),
-        ("classes", data.num_classes), ("per-device batch", d.batch_size),
-        ("devices", f"{acc.num_processes} ({acc.device.type})"), ("accumulation", accum),
-        ("global batch", global_batch), ("iterations / epoch", data.train.batches_per_epoch),
-        ("updates / epoch", updates_per_epoch), ("total updates", total_updates),
-        ("lr", f"{lr:.3g} (base_lr {o.base_lr:g} x {global_batch} / 256)" if not o.lr
-         else f"{lr:.3g}"),
-        ("optimizer", f"{o.optimizer}, layer decay {o.layer_decay:g}, wd {o.weight_decay:g}"),
-        ("loss", f"{cfg.loss.name}, label smoothing {cfg.loss.label_smoothing:g}"
-                 + (", mixup/cutmix" if mixup else "")),
-        ("dropout", f"{cfg.dropout.rate:g}, drop path {cfg.model.drop_path_rate:g}, "
-                    f"{cfg.dropout.schedule}" + (f" (E={cfg.dropout.epochs})"
-                                                 if cfg.dropout.schedule != "constant" else "")),
-        ("parameters", f"{fmt_count(total)} ({fmt_count(trainable)} trainable)"),
-        ("FLOPs / image", f"{fmt_count(flops)} forward"),
-    ])
-    model, optimizer, state, metrics, _ = start_loop(acc, cfg, run_dir, model, optimizer)
-    ema = start_model_ema(acc, cfg, model, state)
-    best = BestKeeper(run_dir, cfg.train.best_metric, state.extra.get("best"))
-    meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
-            "global_batch": global_batch, "flops_per_image": flops, "lr": lr,
+class FinetuneJob(TrainingJob[FinetuneConfig]):
+    """A ViT classifier from an init: evaluated when due (the EMA's weights when
+    ``train.ema_decay`` is set), the best kept in ``best/``, a checkpoint after every epoch."""
+
+    remedy = "lower 'data.batch_size' or raise 'data.label_fraction'"
+    checkpoint_each_epoch = True
+
+    def __init__(self, acc, cfg: FinetuneConfig, run_dir: Path) -> None:
+        super().__init__(acc, cfg, run_dir)
+        set_seed(cfg.run.seed)
+        self.data = data = build_classification_data(cfg, acc.process_index, acc.num_processes)
+        if data.held_out is not None and acc.is_main_process:
+            write_json(run_dir / "val_split.json", data.held_out)
+        self.model, self.init_report = build_classifier(cfg, data.num_classes)
+        self.loader, self.num_images = data.train, data.train_images
+        self.mixup = build_mixup(cfg, data.num_classes)
+        self.criterion = build_train_loss(cfg, data.num_classes, self.mixup is not None)
+        self.dropout = DropoutSchedule(self.model, cfg.dropout.schedule, cfg.dropout.epochs)
+        self.ema: ModelEmaV3 | None = None
+        self.best: BestKeeper | None = None
+        self.summary: dict[str, Any] = {}
+
+    def flops(self) -> int:
+        size = self.cfg.model.img_size
+        flops = count_flops(self.model, torch.zeros(2, self.cfg.model.in_chans, size, size))
+        for m in self.model.modules():  # the FLOP count's forward must not leave BatchNorm stats
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+        self.summary["flops_per_image"] = flops
+        return flops
+
+    def optimizer_options(self) -> dict[str, Any]:
+        decay = self.cfg.optim.layer_decay
+        return {"layer_decay": decay} if decay < 1 else {}
+
+    def accounting(self, budget: Budget, flops: int) -> list[tuple[str, Any]]:
+        cfg, acc, data, d, o = self.cfg, self.acc, self.data, self.cfg.data, self.cfg.optim
+        self.summary.update({
+            "total_updates": budget.total_updates, "updates_per_epoch": budget.updates_per_epoch,
+            "global_batch": budget.global_batch, "flops_per_image": flops, "lr": budget.lr,
             "num_classes": data.num_classes, "class_names": data.class_names,
             "train_images": data.train_images, "val_images": data.val_images,
-            "init": init_report.to_dict()}
-    guards = Guards.for_run(acc, cfg, data.train_images)
-    stopped = None
-    try:
-        while state.epoch < cfg.train.epochs and not stopped:
-            stopped = _epoch(acc, cfg, model, optimizer, scheduler, data, state, metrics,
-                             run_dir, meta, mixup, criterion, guards, dropout, best, ema)
-    finally:
-        guards.stop.restore()
-    if stopped:  # a finished epoch has saved its checkpoint already
-        save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
-        report_stop(acc, stopped, state, guards)
-    elif acc.is_main_process:
-        meta["nonfinite_updates"] = guards.nonfinite.total
-        write_finetune_summary(acc, cfg, run_dir, state, best,
-                               state.extra.get("last_eval", {}), meta)
-    acc.wait_for_everyone()
-    return run_dir
+            "init": self.init_report.to_dict()})
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return [
+            ("run directory", self.run_dir), ("init", f"{cfg.init} ({self.init_report.kind})"),
+            ("model", f"{cfg.model.arch}, {cfg.model.img_size} px, patch {cfg.model.patch_size}, "
+                      f"pool {cfg.model.global_pool}"),
+            ("tune", cfg.tune.mode + (f" (last {cfg.tune.blocks} blocks)"
+                                      if cfg.tune.mode == "partial" else "")),
+            ("train images", f"{data.train_images} of {data.all_train_images} "
+                             f"(label_fraction {d.label_fraction:g}, stratified)"),
+            ("val images", f"{data.val_images} ('{d.val_split}' split)" if data.held_out is None
+             else f"{data.val_images} held out of '{d.split}' (no '{d.val_split}' split; "
+                  f"val_fraction {d.val_fraction:g}, listed in val_split.json)"),
+            ("classes", data.num_classes), ("per-device batch", d.batch_size),
+            ("devices", f"{acc.num_processes} ({acc.device.type})"),
+            ("accumulation", cfg.train.grad_accum_steps),
+            ("global batch", budget.global_batch),
+            ("iterations / epoch", data.train.batches_per_epoch),
+            ("updates / epoch", budget.updates_per_epoch), ("total updates", budget.total_updates),
+            ("lr", f"{budget.lr:.3g} (base_lr {o.base_lr:g} x {budget.global_batch} / 256)"
+             if not o.lr else f"{budget.lr:.3g}"),
+            ("optimizer", f"{o.optimizer}, layer decay {o.layer_decay:g}, wd {o.weight_decay:g}"),
+            ("loss", f"{cfg.loss.name}, label smoothing {cfg.loss.label_smoothing:g}"
+                     + (", mixup/cutmix" if self.mixup else "")),
+            ("dropout", f"{cfg.dropout.rate:g}, drop path {cfg.model.drop_path_rate:g}, "
+                        f"{cfg.dropout.schedule}" + (f" (E={cfg.dropout.epochs})"
+                                                     if cfg.dropout.schedule != "constant"
+                                                     else "")),
+            ("parameters", f"{fmt_count(total)} ({fmt_count(trainable)} trainable)"),
+            ("FLOPs / image", f"{fmt_count(flops)} forward"),
+        ]
 
+    def notes(self) -> list[str]:
+        return self.init_report.lines()
 
-def _epoch(acc, cfg, model, optimizer, scheduler, data: ClassificationData, state: LoopState,
-           metrics: MetricsLog, run_dir: Path, meta: dict, mixup: Mixup | None,
-           criterion: Callable, guards: Guards, dropout: DropoutSchedule,
-           best: BestKeeper, ema: ModelEmaV3 | None) -> str | None:
-    """Train one epoch, evaluate when due (the EMA's weights when there is one), checkpoint;
-    the reason if it stopped early."""
-    meta["dropout_scale"] = dropout.set_epoch(state.epoch)
-    net = acc.unwrap_model(model)
-    stopped = run_epoch(acc, cfg, model, optimizer, scheduler, data.train, state, metrics,
-                        run_dir, meta, guards, partial(_forward, acc, model, mixup, criterion),
-                        log_extra={"dropout_scale": meta["dropout_scale"]},
-                        after_update=None if ema is None else lambda step: ema.update(net))
-    if stopped:
-        return stopped
-    epoch = state.epoch + 1
-    if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
-        scored = model if ema is None else ema.module
-        result, confusion = evaluate(acc, scored, data.val, data.num_classes)
-        state.extra["last_eval"] = {k: v for k, v in result.items()
-                                    if isinstance(v, (int, float))}
-        improved = best.update(acc, result, confusion, epoch, state.step, scored, meta)
-        log_eval(acc, metrics, result, confusion, state.step, epoch, best, improved,
-                 data.class_names, run_dir)
-    state.epoch, state.update_in_epoch = epoch, 0
-    state.extra["best"] = best.record
-    if guards.nonfinite.in_row == 0:
-        save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
-    return None
+    def started(self, loop: Loop[FinetuneConfig], resumed: bool) -> None:
+        self.ema = start_model_ema(loop.acc, self.cfg.train.ema_decay, loop.model, loop.state)
+        self.best = BestKeeper(self.run_dir, self.cfg.train.best_metric,
+                               loop.state.extra.get("best"))
 
+    def forward(self, loop: Loop[FinetuneConfig], batch: dict) -> tuple[torch.Tensor, dict, int]:
+        """One micro-batch: mixup/cutmix (if on), then the classification loss."""
+        acc = loop.acc
+        images = batch["image"].to(acc.device, non_blocking=True)
+        targets = batch["label"].to(acc.device, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        with acc.autocast():
+            loss = self.criterion(loop.model(images), targets)
+        return loss, {}, images.shape[0]
 
-def start_model_ema(acc, cfg: Any, model: torch.nn.Module, state: LoopState) -> ModelEmaV3 | None:
-    """``train.ema_decay``: timm's EMA of the classifier, updated after every optimizer update.
-    ``state.model_ema`` holds its very tensors (timm moves them in place), so every checkpoint
-    saves them and a resume continues them."""
-    if not cfg.train.ema_decay:
-        return None
-    ema = ModelEmaV3(acc.unwrap_model(model), decay=cfg.train.ema_decay)
-    if state.model_ema:
-        ema.module.load_state_dict(state.model_ema)
-    elif state.step:
-        acc.print("note: the checkpoint holds no model EMA; it starts from the resumed weights")
-    state.model_ema = ema.module.state_dict()
-    return ema
+    def epoch_begins(self, loop: Loop[FinetuneConfig]) -> dict[str, Any]:
+        return {"dropout_scale": self.dropout.set_epoch(loop.state.epoch)}
 
+    def after_update(self, loop: Loop[FinetuneConfig]) -> Callable[[int], None] | None:
+        if self.ema is None:
+            return None
+        ema, net = self.ema, loop.acc.unwrap_model(loop.model)
+        return lambda step: ema.update(net)
 
-def _forward(acc, model, mixup: Mixup | None, criterion: Callable,
-             batch: dict) -> tuple[torch.Tensor, dict, int]:
-    """One micro-batch: mixup/cutmix (if on), then the classification loss."""
-    images = batch["image"].to(acc.device, non_blocking=True)
-    targets = batch["label"].to(acc.device, non_blocking=True)
-    if mixup is not None:
-        images, targets = mixup(images, targets)
-    with acc.autocast():
-        loss = criterion(model(images), targets)
-    return loss, {}, images.shape[0]
+    def epoch_ends(self, loop: Loop[FinetuneConfig], epoch: int) -> None:
+        acc, state, data, best = loop.acc, loop.state, self.data, self.best
+        assert best is not None
+        if epoch % self.cfg.train.eval_every == 0 or epoch == self.cfg.train.epochs:
+            scored = loop.model if self.ema is None else self.ema.module
+            result, confusion = evaluate(acc, scored, data.val, data.num_classes)
+            state.extra["last_eval"] = {k: v for k, v in result.items()
+                                        if isinstance(v, (int, float))}
+            improved = best.update(acc, result, confusion, epoch, state.step, scored,
+                                   data.num_classes, data.class_names)
+            log_eval(acc, loop.metrics, result, confusion, state.step, epoch, best, improved,
+                     data.class_names, self.run_dir)
+        state.extra["best"] = best.record
+
+    def finish(self, loop: Loop[FinetuneConfig]) -> None:
+        assert self.best is not None
+        if loop.acc.is_main_process:
+            self.summary["nonfinite_updates"] = loop.guards.nonfinite.total
+            write_finetune_summary(loop.acc, self.cfg, self.run_dir, loop.state, self.best,
+                                   loop.state.extra.get("last_eval", {}), self.summary)

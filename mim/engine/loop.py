@@ -12,7 +12,7 @@ import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ from mim.engine.state import (LoopState, resolve_resume, restore_training_state,
                               save_training_state)
 from mim.engine.tracking import MetricsLog
 from mim.errors import ConfigError, RunError
+
+C = TypeVar("C", bound=JobConfig)
 
 # batch -> (loss, scalars logged beside it, number of images); the job's autocast scope is its own
 MicroForward = Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
@@ -57,6 +59,29 @@ class Budget:
     total_updates: int
     global_batch: int
     lr: float  # optim.lr, else optim.base_lr x global batch / 256
+
+
+@dataclass
+class Loop(Generic[C]):
+    """The running loop: what :func:`train` built, handed to every hook of the job."""
+
+    acc: Accelerator
+    cfg: C
+    run_dir: Path
+    model: torch.nn.Module  # prepared by accelerate (DDP / FSDP wrapped where launched so)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: LoopState
+    metrics: MetricsLog
+    budget: Budget
+    guards: Guards
+    saved_step: int = -1  # the update of the newest checkpoint this process wrote
+
+    def save(self) -> None:
+        """A checkpoint of the loop as it stands (every process calls it)."""
+        save_training_state(self.acc, self.cfg, self.run_dir, self.model, self.optimizer,
+                            self.scheduler, self.state)
+        self.saved_step = self.state.step
 
 
 def loop_budget(acc, cfg: JobConfig, batches_per_epoch: int, num_images: int, remedy: str) -> Budget:
@@ -92,17 +117,17 @@ def start_loop(acc, cfg: JobConfig, run_dir: Path, model: torch.nn.Module,
     return model, optimizer, state, metrics, resume_from is not None
 
 
-def run_epoch(acc, cfg: JobConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              scheduler: Any, loader: Any, state: LoopState, metrics: MetricsLog, run_dir: Path,
-              meta: dict, guards: Guards, forward: MicroForward,
+def run_epoch(loop: Loop, loader: Any, forward: MicroForward,
               log_extra: dict[str, Any] | None = None,
               after_update: Callable[[int], None] | None = None) -> str | None:
-    """One epoch of updates from ``state.update_in_epoch``; the reason if it stopped early
+    """One epoch of updates from ``loop.state.update_in_epoch``; the reason if it stopped early
     ('max_steps', 'signal'). The loss and the scalars ``forward`` returns are logged averaged over
     the updates counted since the last log line (non-finite ones are skipped). ``after_update``
     gets the number of updates done after each one (an EMA's hook)."""
+    acc, cfg, model, optimizer = loop.acc, loop.cfg, loop.model, loop.optimizer
+    state, guards, metrics, run_dir = loop.state, loop.guards, loop.metrics, loop.run_dir
     t, accum = cfg.train, cfg.train.grad_accum_steps
-    updates = meta["updates_per_epoch"]
+    updates = loop.budget.updates_per_epoch
     batches = iter(loader.epoch(state.epoch, start_batch=state.update_in_epoch * accum))
     params = [p for p in model.parameters() if p.requires_grad]
     speed, sums, n_sum = Throughput(), {}, 0
@@ -115,7 +140,7 @@ def run_epoch(acc, cfg: JobConfig, model: torch.nn.Module, optimizer: torch.opti
                 return "max_steps"
             if guards.stop.agreed(acc):
                 return "signal"
-            scheduler.step_update(state.step)
+            loop.scheduler.step_update(state.step)
             update: dict[str, torch.Tensor] = {}
             for micro in range(accum):
                 batch = speed.wait_for(batches)
@@ -132,7 +157,7 @@ def run_epoch(acc, cfg: JobConfig, model: torch.nn.Module, optimizer: torch.opti
                     update[k] = update.get(k, 0.0) + v.detach().float() / accum
                 speed.add(n * acc.num_processes)
             counted, grad_norm = finish_update(acc, cfg, optimizer, params, update["loss"], state,
-                                               guards.nonfinite, meta["global_batch"])
+                                               guards.nonfinite, loop.budget.global_batch)
             if after_update is not None:
                 after_update(state.step)
             for k, v in update.items():  # every process has the same keys, counted or not
@@ -157,7 +182,7 @@ def run_epoch(acc, cfg: JobConfig, model: torch.nn.Module, optimizer: torch.opti
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
                 sums, n_sum = {}, 0
             if state.step % t.save_every == 0 and guards.nonfinite.in_row == 0:
-                save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
+                loop.save()
     finally:
         bar.close()
     return None

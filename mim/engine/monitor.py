@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from mim.config import PretrainConfig
 from mim.data.loader import sample_seed, seeded_rngs
 from mim.engine.run import write_json
 from mim.engine.tracking import MetricsLog
@@ -26,7 +27,7 @@ BEST_FILE = "encoder_best.safetensors"
 
 
 class Monitor:
-    def __init__(self, acc, cfg: Any, run_dir: Path) -> None:
+    def __init__(self, acc, cfg: PretrainConfig, run_dir: Path) -> None:
         self.m, self.seed, self.run_dir = cfg.monitor, cfg.run.seed, run_dir
         self.probe = Probe(self.m.data, cfg.model.img_size, cfg.data.mean, cfg.data.std,
                            cfg.run.seed)
@@ -35,7 +36,7 @@ class Monitor:
             write_json(run_dir / "monitor_val_split.json", held)
 
     @classmethod
-    def for_run(cls, acc, cfg: Any, run_dir: Path) -> Monitor | None:
+    def for_run(cls, acc, cfg: PretrainConfig, run_dir: Path) -> Monitor | None:
         return cls(acc, cfg, run_dir) if cfg.monitor.every else None
 
     def accounting(self) -> tuple[str, str]:

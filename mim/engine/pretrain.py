@@ -1,11 +1,10 @@
-"""Masked-image-modeling pretraining: wiring (``pretrain``), the forward pass the shared loop
-(:func:`mim.engine.loop.run_epoch`) runs, reconstruction grids and the encoder export."""
+"""Masked-image-modeling pretraining as a :class:`~mim.engine.job.TrainingJob`: its model and data,
+its forward pass, reconstruction grids and the encoder export."""
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate.utils import set_seed
@@ -14,13 +13,14 @@ from safetensors.torch import save_file
 from mim.checkpoint import latest_checkpoint, state_dict_for_save
 from mim.data import build_epoch_loader, build_source, eval_transform, pretrain_transform
 from mim.data.labels import num_classes_of
-from mim.engine.accounting import count_flops, fmt_count, print_accounting
+from mim.engine.accounting import count_flops, fmt_count
 from mim.engine.distributed import forward_module
-from mim.engine.loop import Guards, loop_budget, report_stop, run_epoch, start_loop
-from mim.engine.optim import apply_speed_options, build_optimizer, build_scheduler
-from mim.engine.run import check_disk_space, run_job, write_json
-from mim.engine.state import LoopState, save_training_state
-from mim.engine.tracking import MetricsLog, log_model_artifact
+from mim.config import PretrainConfig
+from mim.engine.job import TrainingJob, train
+from mim.engine.loop import Budget, Loop
+from mim.engine.optim import apply_speed_options
+from mim.engine.run import run_job, write_json
+from mim.engine.tracking import log_model_artifact
 from mim.methods import build_pretrainer
 from mim.models.init import InitReport
 from mim.models.pretrain_init import load_pretrainer_init
@@ -28,83 +28,116 @@ from mim.engine.monitor import Monitor
 from mim.viz import pretrain_grid, save_grid
 
 
-def pretrain(cfg: Any) -> Path:
+def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) a pretraining described by ``cfg``; returns the run directory."""
-    return run_job(cfg, _pretrain)
+    return run_job(cfg, lambda acc, cfg, run_dir: train(PretrainJob(acc, cfg, run_dir)))
 
 
-def _pretrain(acc, cfg: Any, run_dir: Path) -> Path:
-    source = build_source(cfg.data, image_size=cfg.model.img_size, seed=cfg.run.seed)
-    if cfg.method.name == "supervised":  # resolved once; the checkpoints store the number
-        cfg.method.num_classes = num_classes_of(source, cfg.method.num_classes)
-    set_seed(cfg.run.seed)
-    model = build_pretrainer(cfg)
-    init_report = _continue_from_init(acc, cfg, run_dir, model)
-    needs_labels = model.needs_labels  # forward(images, labels=...)
-    d = cfg.data
-    loader = build_epoch_loader(
-        source, pretrain_transform(cfg.model.img_size, d.crop_scale, d.mean, d.std),
-        batch_size=d.batch_size, num_workers=d.num_workers, rank=acc.process_index,
-        world_size=acc.num_processes, seed=cfg.run.seed, pin_memory=acc.device.type == "cuda")
-    accum = cfg.train.grad_accum_steps
-    budget = loop_budget(acc, cfg, loader.batches_per_epoch, len(source),
-                         "lower 'data.batch_size' or 'train.grad_accum_steps'")
-    updates_per_epoch, total_updates = budget.updates_per_epoch, budget.total_updates
-    global_batch, lr = budget.global_batch, budget.lr
-    flops = count_flops(model, torch.zeros(2, cfg.model.in_chans, cfg.model.img_size,
-                                           cfg.model.img_size),
-                        **({"labels": torch.zeros(2, dtype=torch.long)} if needs_labels else {}))
-    if acc.is_main_process:
-        check_disk_space(run_dir, model, cfg.train.keep_last)
-    model = apply_speed_options(model.to(acc.device), cfg)
-    optimizer = build_optimizer(model, cfg, lr)
-    scheduler = build_scheduler(optimizer, cfg, total_updates, updates_per_epoch)
-    monitor = Monitor.for_run(acc, cfg, run_dir)
-    enc_params = sum(p.numel() for p in model.encoder.parameters())
-    all_params = sum(p.numel() for p in model.parameters())
-    print_accounting(acc, [
-        ("run directory", run_dir), ("method", cfg.method.name), ("encoder", cfg.model.arch),
-        ("init", cfg.init if init_report is None else f"{cfg.init} ({init_report.kind})"),
-        ("images", len(source)), ("per-device batch", d.batch_size),
-        ("devices", f"{acc.num_processes} ({acc.device.type})"), ("accumulation", accum),
-        ("global batch", global_batch), ("iterations / epoch", loader.batches_per_epoch),
-        ("updates / epoch", updates_per_epoch), ("total updates", total_updates),
-        ("lr", f"{lr:.3g} (base_lr {cfg.optim.base_lr:g} x {global_batch} / 256)"
-         if not cfg.optim.lr else f"{lr:.3g}"),
-        ("parameters", f"{fmt_count(all_params)} ({fmt_count(enc_params)} encoder)"),
-        ("FLOPs / image", f"{fmt_count(flops)} forward, ~{fmt_count(3 * flops)} train step"),
-        *([monitor.accounting()] if monitor is not None else []),
-    ])
-    for line in init_report.lines() if init_report is not None else []:
-        acc.print(line)
-    model, optimizer, state, metrics, _ = start_loop(acc, cfg, run_dir, model, optimizer)
-    if state.step >= total_updates:
-        acc.print(f"run already complete ({state.step} updates)")
-    vis_images = _vis_batch(cfg, source)
-    meta = {"total_updates": total_updates, "updates_per_epoch": updates_per_epoch,
-            "global_batch": global_batch, "flops_per_image": flops, "needs_labels": needs_labels}
-    guards = Guards.for_run(acc, cfg, len(source))
-    try:
-        stopped = _train(acc, cfg, model, optimizer, scheduler, loader, state, metrics, run_dir,
-                         meta, guards, vis_images, monitor)
-    finally:
-        guards.stop.restore()
-    save_training_state(acc, cfg, run_dir, model, optimizer, scheduler, state)
-    report_stop(acc, stopped, state, guards)
-    if state.epoch >= cfg.train.epochs:
-        export_encoder(acc, model, run_dir / "encoder.safetensors")
-    if acc.is_main_process and state.epoch >= cfg.train.epochs:
-        write_json(run_dir / "summary.json", {"updates": state.step, "epochs": state.epoch,
-                                              "images_seen": state.images_seen,
-                                              "bad_samples": state.bad_samples,
-                                              "nonfinite_updates": guards.nonfinite.total, **meta})
-        log_model_artifact(acc, cfg, [run_dir / "encoder.safetensors", run_dir / "config.yaml"])
+class PretrainJob(TrainingJob[PretrainConfig]):
+    """A pretraining method on unlabeled images (labels only where the method needs them)."""
+
+    remedy = "lower 'data.batch_size' or 'train.grad_accum_steps'"
+
+    def __init__(self, acc, cfg: PretrainConfig, run_dir: Path) -> None:
+        super().__init__(acc, cfg, run_dir)
+        self.source = build_source(cfg.data, image_size=cfg.model.img_size, seed=cfg.run.seed)
+        if cfg.method.name == "supervised":  # resolved once; the checkpoints store the number
+            cfg.method.num_classes = num_classes_of(self.source, cfg.method.num_classes)
+        set_seed(cfg.run.seed)
+        self.model = build_pretrainer(cfg)
+        self.init_report = _continue_from_init(acc, cfg, run_dir, self.model)
+        d = cfg.data
+        self.loader = build_epoch_loader(
+            self.source, pretrain_transform(cfg.model.img_size, d.crop_scale, d.mean, d.std),
+            batch_size=d.batch_size, num_workers=d.num_workers, rank=acc.process_index,
+            world_size=acc.num_processes, seed=cfg.run.seed,
+            pin_memory=acc.device.type == "cuda")
+        self.num_images = len(self.source)
+        self.monitor = Monitor.for_run(acc, cfg, run_dir)
+        self.vis_images = _vis_batch(cfg, self.source)
+        self.flops_per_image = 0
+
+    def flops(self) -> int:
+        m = self.cfg.model
+        labels = {"labels": torch.zeros(2, dtype=torch.long)} if self.model.needs_labels else {}
+        self.flops_per_image = count_flops(
+            self.model, torch.zeros(2, m.in_chans, m.img_size, m.img_size), **labels)
+        return self.flops_per_image
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return apply_speed_options(model.to(self.acc.device), self.cfg)
+
+    def accounting(self, budget: Budget, flops: int) -> list[tuple[str, Any]]:
+        cfg, acc, d, report = self.cfg, self.acc, self.cfg.data, self.init_report
+        enc_params = sum(p.numel() for p in self.model.encoder.parameters())
+        all_params = sum(p.numel() for p in self.model.parameters())
+        return [
+            ("run directory", self.run_dir), ("method", cfg.method.name),
+            ("encoder", cfg.model.arch),
+            ("init", cfg.init if report is None else f"{cfg.init} ({report.kind})"),
+            ("images", self.num_images), ("per-device batch", d.batch_size),
+            ("devices", f"{acc.num_processes} ({acc.device.type})"),
+            ("accumulation", cfg.train.grad_accum_steps),
+            ("global batch", budget.global_batch),
+            ("iterations / epoch", self.loader.batches_per_epoch),
+            ("updates / epoch", budget.updates_per_epoch),
+            ("total updates", budget.total_updates),
+            ("lr", f"{budget.lr:.3g} (base_lr {cfg.optim.base_lr:g} x {budget.global_batch} / "
+                   "256)" if not cfg.optim.lr else f"{budget.lr:.3g}"),
+            ("parameters", f"{fmt_count(all_params)} ({fmt_count(enc_params)} encoder)"),
+            ("FLOPs / image", f"{fmt_count(flops)} forward, ~{fmt_count(3 * flops)} train step"),
+            *([self.monitor.accounting()] if self.monitor is not None else []),
+        ]
+
+    def notes(self) -> list[str]:
+        return self.init_report.lines() if self.init_report is not None else []
+
+    def started(self, loop: Loop[PretrainConfig], resumed: bool) -> None:
+        if self.monitor is not None and loop.state.step == 0:
+            self.monitor.after_epochs(loop.acc, loop.model, loop.state, loop.metrics, 0,
+                                      export_encoder)
+
+    def forward(self, loop: Loop[PretrainConfig], batch: dict) -> tuple[torch.Tensor, dict, int]:
+        """One micro-batch: the pretrainer's loss and its optional metrics (``PretrainOutput``)."""
+        acc = loop.acc
+        images = batch["image"].to(acc.device, non_blocking=True)
+        with acc.autocast():
+            if self.model.needs_labels:
+                out = loop.model(images, labels=batch["label"].to(acc.device))
+            else:
+                out = loop.model(images)
+        return out.loss, out.metrics, images.shape[0]
+
+    def after_update(self, loop: Loop[PretrainConfig]) -> Callable[[int], None]:
+        return loop.acc.unwrap_model(loop.model).after_update
+
+    def epoch_ends(self, loop: Loop[PretrainConfig], epoch: int) -> None:
+        if self.monitor is not None:
+            self.monitor.after_epochs(loop.acc, loop.model, loop.state, loop.metrics, epoch,
+                                      export_encoder)
+        every = self.cfg.train.vis_every
+        if (every and epoch % every == 0) or epoch == self.cfg.train.epochs:
+            _save_vis(loop.acc, self.cfg, loop.model, self.vis_images, self.run_dir, epoch)
+
+    def finish(self, loop: Loop[PretrainConfig]) -> None:
+        acc, state, run_dir = loop.acc, loop.state, self.run_dir
+        export_encoder(acc, loop.model, run_dir / "encoder.safetensors")
+        if not acc.is_main_process:
+            return
+        b = loop.budget
+        write_json(run_dir / "summary.json", {
+            "updates": state.step, "epochs": state.epoch, "images_seen": state.images_seen,
+            "bad_samples": state.bad_samples, "nonfinite_updates": loop.guards.nonfinite.total,
+            "total_updates": b.total_updates, "updates_per_epoch": b.updates_per_epoch,
+            "global_batch": b.global_batch, "flops_per_image": self.flops_per_image,
+            "needs_labels": self.model.needs_labels})
+        log_model_artifact(acc, self.cfg, [run_dir / "encoder.safetensors",
+                                           run_dir / "config.yaml"])
         acc.print(f"done: {state.step} updates. Results in {run_dir}/ "
                   "(config.yaml, metrics.jsonl, checkpoints/, encoder.safetensors, recon_*.png)")
-    return run_dir
 
 
-def _continue_from_init(acc, cfg: Any, run_dir: Path, model: torch.nn.Module
+def _continue_from_init(acc, cfg: PretrainConfig, run_dir: Path, model: torch.nn.Module
                         ) -> InitReport | None:
     """Load ``init`` into a new run (what was loaded goes to init_report.json); a run that
     resumes keeps its checkpoint's weights, the init is not applied again over them."""
@@ -122,42 +155,7 @@ def _continue_from_init(acc, cfg: Any, run_dir: Path, model: torch.nn.Module
     return report
 
 
-def _train(acc, cfg, model, optimizer, scheduler, loader, state: LoopState, metrics: MetricsLog,
-           run_dir: Path, meta: dict, guards: Guards, vis_images: torch.Tensor,
-           monitor: Monitor | None) -> str | None:
-    """Epochs from ``state`` to the end; returns why it stopped early ('max_steps', 'signal')."""
-    forward = partial(_forward, acc, model, meta["needs_labels"])
-    if monitor is not None and state.step == 0:
-        monitor.after_epochs(acc, model, state, metrics, 0, export_encoder)
-    while state.epoch < cfg.train.epochs:
-        stopped = run_epoch(acc, cfg, model, optimizer, scheduler, loader, state, metrics,
-                            run_dir, meta, guards, forward,
-                            after_update=acc.unwrap_model(model).after_update)
-        if stopped:
-            return stopped
-        if monitor is not None:
-            monitor.after_epochs(acc, model, state, metrics, state.epoch + 1, export_encoder)
-        last = state.epoch == cfg.train.epochs - 1
-        every = cfg.train.vis_every
-        if (every and (state.epoch + 1) % every == 0) or last:
-            _save_vis(acc, cfg, model, vis_images, run_dir, state.epoch + 1)
-        state.epoch += 1
-        state.update_in_epoch = 0
-    return None
-
-
-def _forward(acc, model, needs_labels: bool, batch: dict) -> tuple[torch.Tensor, dict, int]:
-    """One micro-batch: the pretrainer's loss and its optional metrics (``PretrainOutput``)."""
-    images = batch["image"].to(acc.device, non_blocking=True)
-    with acc.autocast():
-        if needs_labels:
-            out = model(images, labels=batch["label"].to(acc.device))
-        else:
-            out = model(images)
-    return out.loss, out.metrics, images.shape[0]
-
-
-def _vis_batch(cfg: Any, source: Any) -> torch.Tensor:
+def _vis_batch(cfg: PretrainConfig, source: Any) -> torch.Tensor:
     tf = eval_transform(cfg.model.img_size, cfg.data.mean, cfg.data.std)
     imgs = []
     for i in range(min(cfg.train.vis_images, len(source))):

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from timm.utils import ModelEmaV3
 
 from mim.checkpoint import (NonFiniteWeights, check_finite_weights, load_checkpoint,
                             load_latest_usable, save_checkpoint)
@@ -25,7 +26,7 @@ class LoopState:
     update_in_epoch: int = 0  # updates done within ``epoch``
     images_seen: int = 0
     bad_samples: int = 0
-    # a model EMA's weights (fine-tuning's train.ema_decay): the EMA's own tensors, moved in place
+    # a model EMA's weights (train.ema_decay): the EMA's own tensors, which timm moves in place
     model_ema: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -132,3 +133,19 @@ def restore_training_state(acc: Accelerator, cfg: JobConfig, loaded: tuple[Path,
                   f"resuming on {acc.num_processes}; the data order within the epoch changes")
     loop = train_state["loop"]
     return LoopState(**loop)
+
+
+def start_model_ema(acc: Accelerator, decay: float, model: torch.nn.Module,
+                    state: LoopState) -> ModelEmaV3 | None:
+    """``train.ema_decay`` (fine-tuning, detection): timm's EMA of the model, for the job's
+    ``after_update`` hook; None when ``decay`` is 0. ``state.model_ema`` holds its very tensors (timm moves them in place), so every checkpoint
+    saves them and a resume continues them."""
+    if not decay:
+        return None
+    ema = ModelEmaV3(acc.unwrap_model(model), decay=decay)
+    if state.model_ema:
+        ema.module.load_state_dict(state.model_ema)
+    elif state.step:
+        acc.print("note: the checkpoint holds no model EMA; it starts from the resumed weights")
+    state.model_ema = ema.module.state_dict()
+    return ema

@@ -8,9 +8,9 @@ model to ``<run>/tokenizer.safetensors``, the file ``method.tokenizer`` reads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from mim.checkpoint import latest_checkpoint, load_checkpoint
+from mim.config import PretrainConfig
 from mim.engine.pretrain import pretrain
 from mim.engine.run import process_state
 from mim.engine.tracking import read_metrics
@@ -18,7 +18,7 @@ from mim.errors import ConfigError
 from mim.methods.vq_tokenizer import TOKENIZER_FILE, VQTokenizer, save_tokenizer
 
 
-def train_tokenizer(cfg: Any) -> Path:
+def train_tokenizer(cfg: PretrainConfig) -> Path:
     """Run (or resume) the tokenizer pretraining; export it once all epochs are done."""
     if cfg.method.name != "vq_tokenizer":
         raise ConfigError(f"config key 'method.name' must be 'vq_tokenizer' for `mim tokenizer`, "
@@ -38,7 +38,7 @@ def train_tokenizer(cfg: Any) -> Path:
     return run_dir
 
 
-def export_tokenizer(cfg: Any, run_dir: Path) -> Path:
+def export_tokenizer(cfg: PretrainConfig, run_dir: Path) -> Path:
     """The newest checkpoint of ``run_dir`` as a self-contained ``tokenizer.safetensors``."""
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:

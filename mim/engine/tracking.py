@@ -8,6 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
+
+from mim.config import JobConfig
+
 
 def wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -18,7 +22,7 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def tracker_init_kwargs(cfg: Any, run_dir: Path) -> dict[str, Any]:
+def tracker_init_kwargs(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
     """wandb: name, group, tags, run directory; offline when no API key is set (never a prompt)."""
     if cfg.tracking.backend != "wandb":
         return {}
@@ -61,7 +65,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
-def log_model_artifact(acc: Any, cfg: Any, files: list[Path]) -> None:
+def log_model_artifact(acc: Accelerator, cfg: JobConfig, files: list[Path]) -> None:
     """``tracking.log_model=true``: the final model files as one wandb artifact of type
     "model" named ``<run.name>-model`` (offline runs keep it in their wandb folder until
     ``wandb sync``). Main process only; nothing for other backends."""
