@@ -25,14 +25,13 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
-from mim.models.encoder import create_vit, with_prefix_tokens
+from mim.models.encoder import create_vit, vit_blocks
 from mim.models.init import InitReport, load_encoder_init
 
 
@@ -66,7 +65,6 @@ class ViTFeatureMap(nn.Module):
         pos = vit.pos_embed
         grid_pos = pos[:, 0 if vit.no_embed_class else P:].reshape(1, Gh, Gw, -1)
         x = vit.patch_embed(images) + grid_pos[:, :h, :w].reshape(1, h * w, -1)
-        x = vit.norm_pre(vit.pos_drop(with_prefix_tokens(vit, x)))
         attn_mask = None
         if mask is not None:
             # a patch with any real pixel is a real token; padded tokens are never attended to
@@ -74,12 +72,7 @@ class ViTFeatureMap(nn.Module):
             if not real.all():
                 keys = torch.cat([real.new_ones(B, P), real], dim=1)
                 attn_mask = keys[:, None, None, :]  # (B, 1, 1, N), True = attend
-        for blk in vit.blocks:
-            if vit.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, attn_mask, use_reentrant=False)
-            else:
-                x = blk(x, attn_mask=attn_mask)
-        x = vit.norm(x)
+        x = vit_blocks(vit, x, attn_mask)
         return x[:, P:].transpose(1, 2).reshape(B, -1, h, w)
 
 

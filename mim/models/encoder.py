@@ -17,6 +17,7 @@ import torch
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mim.errors import ConfigError
 from mim.masking import gather_tokens
@@ -104,12 +105,22 @@ class MaskedEncoder(nn.Module):
         x = x + (pos if vit.no_embed_class else pos[:, P:])
         if idx_keep is not None:
             x = gather_tokens(x, idx_keep)
-        x = vit.norm_pre(vit.pos_drop(with_prefix_tokens(vit, x)))
+        return vit_blocks(vit, x)
+
+
+def vit_blocks(vit: VisionTransformer, x: torch.Tensor,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The ViT after its patch embedding: patch tokens ``x`` (B, N, D), position already added,
+    get the prefix tokens, the blocks (activation-checkpointed when the ViT is set so) and the
+    final norm. ``attn_mask`` (B, 1, 1, prefix + N), True = attend, hides padding. The one
+    forward of the encoder and the detector's backbone."""
+    x = vit.norm_pre(vit.pos_drop(with_prefix_tokens(vit, x)))
+    for blk in vit.blocks:
         if vit.grad_checkpointing and torch.is_grad_enabled():
-            x = timm.models.checkpoint_seq(vit.blocks, x)
+            x = checkpoint(blk, x, attn_mask, use_reentrant=False)
         else:
-            x = vit.blocks(x)
-        return vit.norm(x)
+            x = blk(x, attn_mask=attn_mask)
+    return vit.norm(x)
 
 
 def with_prefix_tokens(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
