@@ -155,3 +155,26 @@ def test_non_finite_weights_are_never_the_newest_checkpoint(tiny, monkeypatch):
     ck = latest_checkpoint(load_config(None, over).run_dir / "checkpoints")
     assert ck.name == "step_00000002"
     assert all(torch.isfinite(t).all() for t in load_checkpoint(ck)[0].values())
+
+
+def test_write_json_is_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails half-way (a full disk, a kill) leaves the previous file as it was."""
+    import json
+    from pathlib import Path
+
+    from mim.engine.run import write_json
+
+    path = tmp_path / "summary.json"
+    write_json(path, {"a": 1})
+    real_write = Path.write_text
+
+    def half_then_fail(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        write_json(path, {"a": 2, "b": "x" * 100})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]

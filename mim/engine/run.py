@@ -124,4 +124,11 @@ def start_tracking(acc: Accelerator, cfg: JobConfig, run_dir: Path) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    """Write ``obj`` whole or not at all: a kill mid-write leaves the old file (summary.json is
+    what marks a run, or a compare cell, finished)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
